@@ -1,0 +1,1 @@
+"""The MailBridge Kubernetes operator (kopf)."""
