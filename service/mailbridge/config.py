@@ -88,7 +88,9 @@ class SmtpSettings(_Group):
         25 * MiB, ge=1024, description="Largest message accepted (advertised as SIZE)."
     )
     max_recipients: int = Field(100, ge=1, description="Recipients per message (452 4.5.3).")
-    max_sessions: int = Field(1000, ge=1, description="Concurrent SMTP sessions in all (421 4.7.0).")
+    max_sessions: int = Field(
+        1000, ge=1, description="Concurrent SMTP sessions in all (421 4.7.0)."
+    )
     max_sessions_per_ip: int = Field(
         20, ge=1, description="Concurrent SMTP sessions from one client IP (421 4.7.0)."
     )
@@ -427,7 +429,5 @@ def to_yaml(settings: Settings, *, reveal_secrets: bool = False) -> str:
     data.pop("target_emails", None)
     if reveal_secrets:
         for route_data, route in zip(data["routes"], settings.routes, strict=True):
-            route_data["webhook"]["secrets"] = [
-                s.get_secret_value() for s in route.webhook.secrets
-            ]
+            route_data["webhook"]["secrets"] = [s.get_secret_value() for s in route.webhook.secrets]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

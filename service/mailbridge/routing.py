@@ -55,7 +55,7 @@ class Route:
 
 def _domain(text: str) -> str | None:
     domain = text.strip().rstrip(".").lower()
-    if not domain or domain.startswith("[") or any(c in domain for c in " \t@%!,:;<>\"\\"):
+    if not domain or domain.startswith("[") or any(c in domain for c in ' \t@%!,:;<>"\\'):
         return None
     try:
         return domain.encode("idna").decode("ascii")
@@ -119,9 +119,7 @@ def match(routes: Sequence[Route], address: str) -> tuple[str, ...]:
     parts = split(address)
     if parts is None:
         return ()
-    return tuple(
-        route.name for route in routes if any(_matches(p, parts) for p in route.patterns)
-    )
+    return tuple(route.name for route in routes if any(_matches(p, parts) for p in route.patterns))
 
 
 def fan_out(routes: Sequence[Route], recipients: Iterable[str]) -> dict[str, list[str]]:

@@ -1,0 +1,265 @@
+"""One SMTP connection: aiosmtpd's protocol, tightened where the bridge needs it.
+
+What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
+
+* an enhanced status code (RFC 2034/3463) on every 2xx/4xx/5xx reply except the
+  greeting and the EHLO/HELO reply, including aiosmtpd's own replies;
+* an internal error answers ``451 4.3.0`` (a retry), never aiosmtpd's ``500``
+  with the exception text (a bounce that leaks internals);
+* STARTTLS inside TLS is refused (``503 5.5.1``) instead of nesting TLS;
+* DATA is read in large chunks by :mod:`mailbridge.smtp.data` with a deadline
+  for the whole transfer (``data_timeout_seconds``);
+* admission: total and per-client-IP session caps (``421 4.7.0`` and close),
+  with the client IP taken from a PROXY header when that is enabled;
+* every reply starting ``421`` closes the connection after it is sent.
+
+Decisions about addresses and messages live in :mod:`mailbridge.smtp.handler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from mailbridge.config import SmtpSettings
+from mailbridge.observability.metrics import Metrics
+from mailbridge.smtp import data
+from mailbridge.smtp.limits import SessionLimits
+
+log = logging.getLogger("mailbridge.smtp")
+
+IDENT = "mailbridge ESMTP"
+HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+REPLY = re.compile(r"^([245])(\d\d)([ -])(.*)$", re.DOTALL)
+#: Enhanced codes for replies written without one (aiosmtpd's own replies).
+DEFAULT_ENHANCED = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "214": "2.0.0",
+    "220": "2.0.0",
+    "421": "4.7.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.1.1",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+TEMPORARY_ERROR = "451 4.3.0 Temporary local problem; try again later"
+
+
+def enhance(reply: str) -> str:
+    """``reply`` with an enhanced status code added when it has none."""
+    match = REPLY.match(reply)
+    if match is None or HAS_ENHANCED.match(reply):
+        return reply
+    code = match.group(1) + match.group(2)
+    enhanced = DEFAULT_ENHANCED.get(code, f"{match.group(1)}.0.0")
+    return f"{code}{match.group(3)}{enhanced} {match.group(4)}"
+
+
+class _CountingMethods(dict[str, Any]):
+    """aiosmtpd looks each verb up here: count it on the way."""
+
+    def __init__(self, methods: dict[str, Any], metrics: Metrics) -> None:
+        super().__init__(methods)
+        self._metrics = metrics
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._metrics.command(key)
+        return super().get(key, default)
+
+
+class Session(SMTP):
+    """The SMTP protocol for one client connection."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        settings: SmtpSettings,
+        limits: SessionLimits,
+        metrics: Metrics,
+        tls_context: ssl.SSLContext | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # The stream limit also sets how much is buffered before reading pauses;
+        # aiosmtpd's 1001 bytes would cap every read at ~2 KiB.
+        self.line_length_limit = data.DISCARD_CHUNK
+        super().__init__(
+            handler,
+            data_size_limit=settings.max_message_size_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident=IDENT,
+            tls_context=tls_context,
+            require_starttls=settings.require_tls and tls_context is not None,
+            timeout=settings.command_timeout_seconds,
+            proxy_protocol_timeout=(
+                settings.proxy_timeout_seconds if settings.proxy_protocol else None
+            ),
+            loop=loop,
+        )
+        self.settings = settings
+        self.limits = limits
+        self.metrics = metrics
+        self._smtp_methods = _CountingMethods(self._smtp_methods, metrics)
+        #: The client's IP (from the PROXY header when enabled); None until admitted.
+        self.client_ip: str | None = None
+        #: Per connection, not per aiosmtpd Session: STARTTLS replaces the Session.
+        self.unknown_recipients = 0
+        self._plain_replies = False
+
+    # --- admission -------------------------------------------------------
+    async def admit(self, ip: str) -> bool:
+        """Count the session against the caps, or answer 421 and refuse it."""
+        refused = self.limits.admit(ip)
+        if refused is not None:
+            self.metrics.connections_refused.labels(refused).inc()
+            log.info("connection refused", extra={"reason": refused})
+            text = "shutting down" if refused == "shutting_down" else "too many connections"
+            await self.push(f"421 4.7.0 {self.hostname} {text}; try again later")
+            return False
+        self.client_ip = ip
+        self.metrics.sessions.inc()
+        self.metrics.sessions_active.set(self.limits.active)
+        self.metrics.sessions_per_ip_max.set(self.limits.busiest_ip_sessions)
+        return True
+
+    async def _handle_client(self) -> None:
+        if self._proxy_timeout is None:
+            assert self.session is not None
+            peer = self.session.peer
+            if not await self.admit(peer[0] if isinstance(peer, tuple) else str(peer)):
+                return
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.client_ip is not None:
+            self.limits.release(self.client_ip)
+            self.client_ip = None
+            self.metrics.sessions_active.set(self.limits.active)
+            self.metrics.sessions_per_ip_max.set(self.limits.busiest_ip_sessions)
+        super().connection_lost(error)
+
+    # --- replies ---------------------------------------------------------
+    async def push(self, status: AnyStr) -> None:
+        reply = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        if not self._plain_replies:
+            reply = enhance(reply)
+        if self.transport is None or self.transport.is_closing():
+            return
+        await super().push(reply)
+        if reply.startswith("421"):
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("internal error in SMTP session", exc_info=error)
+        self.metrics.reject("temp_failure")
+        return TEMPORARY_ERROR
+
+    # --- commands --------------------------------------------------------
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await super().smtp_STARTTLS(arg)
+        self.metrics.tls_sessions.inc()
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        # Never confirm or deny an address (no enumeration), RFC 5321 §3.5.3.
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._reset_timeout(self.settings.data_timeout_seconds)
+        try:
+            received = await data.read(
+                self._reader,
+                max_bytes=self.settings.max_message_size_bytes,
+                max_line_bytes=self.settings.max_line_length_bytes,
+            )
+        except asyncio.IncompleteReadError:
+            # The client vanished before the end of DATA: nothing was accepted.
+            self._set_post_data_state()
+            return
+        self._reset_timeout()
+        if received.verdict is data.Verdict.TOO_BIG:
+            self.metrics.reject("too_big")
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        if received.verdict is data.Verdict.LINE_TOO_LONG:
+            self.metrics.reject("bad_syntax")
+            self._set_post_data_state()
+            limit = self.settings.max_line_length_bytes
+            await self.push(f"500 5.5.2 Line too long (the limit is {limit} bytes)")
+            return
+        self.envelope.content = self.envelope.original_content = received.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    @property
+    def tls_version(self) -> tuple[str, str] | None:
+        """``(version, cipher)`` once STARTTLS has completed."""
+        if self._tls_protocol is None or self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return str(ssl_object.version()), cipher[0] if cipher else ""
