@@ -66,8 +66,14 @@ class _Group(BaseModel):
 
 
 def _split_commas(value: Any) -> Any:
+    """Let list settings be written ``a, b`` in the environment (JSON lists work too)."""
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        text = value.strip()
+        if text.startswith("["):
+            return yaml.safe_load(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, int | float):
+        return [value]
     return value
 
 
@@ -115,9 +121,11 @@ class SmtpSettings(_Group):
     proxy_protocol: bool = Field(
         False, description="Expect a PROXY protocol v1/v2 header on every connection."
     )
-    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
-        default_factory=lambda: [ipaddress.ip_network(n) for n in PRIVATE_NETWORKS],
-        description="Networks allowed to send a PROXY header; others are refused.",
+    trusted_proxies: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = (
+        Field(
+            default_factory=lambda: [ipaddress.ip_network(n) for n in PRIVATE_NETWORKS],
+            description="Networks allowed to send a PROXY header; others are refused.",
+        )
     )
     proxy_timeout_seconds: float = Field(5, gt=0, description="Time to wait for the PROXY header.")
     shutdown_grace_seconds: float = Field(
@@ -217,7 +225,7 @@ class DeliverySettings(_Group):
     )
     retry_initial_seconds: float = Field(0.5, gt=0, description="First retry delay (backoff base).")
     retry_max_seconds: float = Field(600, gt=0, description="Longest delay between retries.")
-    permanent_statuses: list[int] = Field(
+    permanent_statuses: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [400, 410, 413, 415, 422],
         description=(
             "HTTP statuses that will never succeed: 554 5.6.0 (sync) / dead letter (spool). "

@@ -100,7 +100,7 @@ def test_invalid_patterns_say_what_is_wrong(bad: str) -> None:
 
 
 local_parts = st.text(
-    alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="@%!,:*\"<>\\"),
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters='@%!,:*"<>\\'),
     min_size=1,
     max_size=20,
 )

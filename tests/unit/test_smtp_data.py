@@ -125,7 +125,10 @@ def test_longest_line_check(content: bytes, limit: int, expected: bool) -> None:
         ("250 OK", "250 2.0.0 OK"),
         ("503 Error: need MAIL command", "503 5.5.1 Error: need MAIL command"),
         ("500 Error: bad syntax", "500 5.5.2 Error: bad syntax"),
-        ("530 Must issue a STARTTLS command first", "530 5.7.0 Must issue a STARTTLS command first"),
+        (
+            "530 Must issue a STARTTLS command first",
+            "530 5.7.0 Must issue a STARTTLS command first",
+        ),
         ("552 Error: too much", "552 5.3.4 Error: too much"),
         ("550 5.1.1 already enhanced", "550 5.1.1 already enhanced"),
         ("354 End data", "354 End data"),
