@@ -83,6 +83,10 @@ class Target:
     timeout_seconds: float = 10.0
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
+    def __hash__(self) -> int:  # headers is a mapping: hash its items
+        headers = frozenset(self.headers.items())
+        return hash((self.route, self.url, self.keys, self.timeout_seconds, headers))
+
     @property
     def destination(self) -> str:
         """``scheme://host:port``: the circuit breaker's key (no path, query or userinfo)."""
