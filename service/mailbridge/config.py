@@ -439,3 +439,51 @@ def to_yaml(settings: Settings, *, reveal_secrets: bool = False) -> str:
         for route_data, route in zip(data["routes"], settings.routes, strict=True):
             route_data["webhook"]["secrets"] = [s.get_secret_value() for s in route.webhook.secrets]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, for the README."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, _Group):
+                walk(annotation, f"{prefix}{name.upper()}__")
+                continue
+            if name == "routes":
+                rows.append(("routes", "[]", _ROUTES_HELP))
+                continue
+            if name == "hostname":
+                default = "(this host's name)"
+            elif field.default_factory is not None:
+                default = _show(field.default_factory())  # type: ignore[call-arg]
+            else:
+                default = _show(field.default)
+            rows.append((f"{prefix}{name.upper()}", default, field.description or ""))
+
+    walk(Settings, "MAILBRIDGE_")
+    return rows
+
+
+_ROUTES_HELP = (
+    "In the MAILBRIDGE_CONFIG file only. List of routes: `name`, `recipients` (patterns), "
+    "`webhook` (`url`, `secrets`, `secret_files`, `timeout_seconds`, `headers`)."
+)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "[]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def reference_markdown() -> str:
+    lines = ["| Setting | Default | Meaning |", "|---|---|---|"]
+    for name, default, description in reference():
+        lines.append(f"| `{name}` | {f'`{default}`' if default else ''} | {description} |")
+    return "\n".join(lines) + "\n"
