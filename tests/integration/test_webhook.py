@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -339,6 +340,32 @@ async def test_a_dropped_connection_is_a_connection_error(
     assert attempt.outcome == "connection_error"
     assert attempt.error == "connection closed without a response"
     assert len(rx.deliveries) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HELLO THERE\r\n\r\n", "invalid HTTP response"),
+        (b"\x00" * 64, "invalid HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * 70_000 + b"\r\n\r\n", "invalid HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", "response body broken off"),
+    ],
+)
+async def test_a_garbage_response_is_a_connection_error(
+    answer: bytes, error: str, make_client: MakeClient
+) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        attempt = await make_client().post(target_for(f"http://127.0.0.1:{port}/"), "msg_g", BODY)
+
+    assert (attempt.outcome, attempt.status, attempt.error) == ("connection_error", None, error)
 
 
 async def test_a_tls_failure_is_a_connection_error_without_the_url(

@@ -287,8 +287,8 @@ class WebhookClient:
             return done("connection_error", error="connection closed without a response")
         except aiohttp.ClientPayloadError:
             return done("connection_error", error="response body broken off")
-        except aiohttp.ClientResponseError as error:
-            return done("connection_error", error=f"invalid HTTP response ({error.status})")
+        except aiohttp.ClientResponseError:  # unparsable; its .status is aiohttp's, not theirs
+            return done("connection_error", error="invalid HTTP response")
         except (aiohttp.ClientError, OSError) as error:
             return done("connection_error", error=_short_error(error))
         except Exception as error:  # e.g. a header value aiohttp refuses; never crash delivery
