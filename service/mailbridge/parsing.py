@@ -1,0 +1,545 @@
+"""Parsing: the raw bytes of one message → a :class:`Message`. Pure; no I/O.
+
+Trusts nothing: the bytes are whatever a client sent after ``DATA``. :func:`parse`
+never raises for any input. What it cannot read it reads as well as it can and
+says so in ``Message.defects``: the standard library's defect class names
+(``StartBoundaryNotFoundDefect``, ``InvalidHeaderDefect in From``) and short
+sentences (``undecodable charset x-foo in text/plain``).
+
+Reads the message with the standard library (``email.policy.default``, with a
+header factory that falls back to plain text instead of raising), walks the
+MIME tree once, and picks:
+
+- the text body: the first ``text/plain`` part that is not an attachment,
+  preferring one inside ``multipart/alternative``; the HTML body likewise with
+  ``text/html``. HTML-only mail gets ``html2text`` of the HTML as its text.
+  Line ends in bodies are ``\\n``.
+- the attachments, in order: every part with ``Content-Disposition: attachment``
+  or a filename, every part that is neither text nor HTML, and every text part
+  outside ``multipart/alternative`` that is not a chosen body (so nothing the
+  sender wrote is dropped). A nested ``message/*`` part is one attachment that
+  carries the nested message's bytes.
+
+Text is decoded with the declared charset, else UTF-8, else latin-1. Every string
+in the result encodes to UTF-8 (lone surrogates become U+FFFD) and holds no NUL.
+
+Settings (from the ``parsing`` group, passed in): ``header_prefixes``,
+``max_inline_attachment_bytes``.
+
+Known limits: a nested message is re-serialised by the standard library (CRLF
+line ends, header folding as received), so its bytes can differ slightly from
+what was sent. Filenames are as the sender wrote them: never use one as a path.
+``format=flowed`` text is not unwrapped. ``html2text`` is pure Python and slow
+on multi-megabyte HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.errors
+import email.message
+import email.utils
+import html
+import io
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from email import headerregistry, policy
+from email.generator import BytesGenerator
+from email.parser import BytesParser
+from typing import Any, Literal
+
+import html2text
+
+MiB = 1024 * 1024
+
+# What the email package (and html2text) raise on malformed input. Bodies and
+# headers are never trusted, so each read is guarded by exactly these.
+_LIBRARY_ERRORS: tuple[type[Exception], ...] = (
+    LookupError,  # unknown charsets, KeyError
+    ValueError,  # UnicodeError, binascii.Error
+    TypeError,
+    IndexError,
+    AttributeError,
+    AssertionError,  # asserts in email._header_value_parser and html.parser
+    RecursionError,  # deeply nested multiparts
+    email.errors.MessageError,  # HeaderParseError
+)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_BREAK = re.compile("[\r\n]")
+_ANGLE_ADDR = re.compile("<([^<>]*)>")
+_TAG = re.compile(r"<[^>]*>")
+_ASCII_CHARSETS = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968", "iso-646-us", "646"})
+_ALTERNATIVE = "multipart/alternative"
+_PLAIN = "text/plain"
+_HTML = "text/html"
+_MAX_DEFECT_WORD = 40
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """One address from an address header."""
+
+    name: str  # display name, decoded ('' when none)
+    address: str  # addr-spec as given ('' when unreadable)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str | None
+    content_type: str  # e.g. 'application/pdf' (lowercase)
+    size_bytes: int  # decoded size
+    content_id: str | None  # without <>
+    disposition: Literal["attachment", "inline"]
+    data: str | None  # base64 of the decoded bytes, or None when size_bytes > cap
+
+
+@dataclass(frozen=True)
+class Message:
+    subject: str  # RFC 2047 decoded, '' when absent
+    sender: Mailbox | None  # From:
+    to: tuple[Mailbox, ...]
+    cc: tuple[Mailbox, ...]
+    reply_to: tuple[Mailbox, ...]
+    message_id: str | None  # as in the header, angle brackets stripped
+    date: str | None  # ISO 8601 with offset, None when absent/unparseable
+    text: str  # text body; when only HTML exists: html2text of it; '' when none
+    html: str | None
+    headers: dict[str, str]  # passthrough by name prefix; repeated headers joined with ', '
+    attachments: tuple[Attachment, ...]
+    defects: tuple[str, ...]  # short human strings; never raised
+
+
+def clean(text: str) -> str:
+    """``text`` without NUL and with lone surrogates as U+FFFD (pairs are joined)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii() and _SURROGATE.search(text):
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _short(word: str) -> str:
+    """A sender-chosen word (charset, header name) fit to quote in a defect."""
+    word = clean(word)
+    return word if len(word) <= _MAX_DEFECT_WORD else word[:_MAX_DEFECT_WORD] + "…"
+
+
+def _from_8bit(value: str) -> tuple[str, bool]:
+    """Undo the parser's surrogateescape: UTF-8 when it is, else latin-1 (``False``)."""
+    try:
+        data = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that were not escaped bytes
+        return clean(value), True
+    try:
+        return data.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), False
+
+
+class _TolerantHeaders(headerregistry.HeaderRegistry):
+    """The default header registry, except that it never raises.
+
+    Undeclared 8-bit bytes are read as UTF-8, else latin-1. A value the
+    structured parser cannot read is read as unstructured text, and failing
+    that, returned as a plain string.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[type, type] = {}
+        self.unstructured = self["x-unstructured"]
+
+    def __getitem__(self, name: str) -> type:
+        # The stdlib builds a new class on every header access; build each once.
+        kind = self.registry.get(name.lower(), self.default_class)
+        if kind not in self._classes:
+            self._classes[kind] = type("_" + kind.__name__, (kind, self.base_class), {})
+        return self._classes[kind]
+
+    def __call__(self, name: str, value: str) -> Any:
+        if _SURROGATE.search(value):
+            value = _from_8bit(value)[0]
+        try:
+            return super().__call__(name, value)
+        except _LIBRARY_ERRORS:
+            pass
+        try:
+            return self.unstructured(name, value)
+        except _LIBRARY_ERRORS:
+            return clean(value)
+
+
+_HEADERS = _TolerantHeaders()
+_POLICY = policy.default.clone(header_factory=_HEADERS)
+# Nested messages are written back out with their headers as received.
+_SERIALISE_POLICY = _POLICY.clone(linesep="\r\n", refold_source="none")
+
+
+def _html2text(markup: str, defects: list[str]) -> str:
+    converter = html2text.HTML2Text()
+    converter.body_width = 0
+    converter.ignore_images = True
+    converter.unicode_snob = True
+    try:
+        return converter.handle(markup).strip()
+    except _LIBRARY_ERRORS as error:
+        defects.append(f"html2text failed ({type(error).__name__}); tags stripped instead")
+        return html.unescape(_TAG.sub(" ", markup)).strip()
+
+
+# --- headers ---------------------------------------------------------------
+
+
+def _read_header(name: str, value: str, defects: list[str], *, structured: bool = True) -> Any:
+    """One header through the tolerant factory; records its defects."""
+    text = _LINE_BREAK.sub("", value)
+    if _SURROGATE.search(text):
+        text, utf8 = _from_8bit(text)
+        if not utf8:
+            defects.append(f"8-bit {_short(name)} header is not UTF-8 (read as latin-1)")
+    if structured:
+        header = _HEADERS(name, text)
+    else:
+        try:
+            header = _HEADERS.unstructured(name, text)
+        except _LIBRARY_ERRORS:
+            header = text
+    defects.extend(
+        f"{type(defect).__name__} in {_short(name)}" for defect in getattr(header, "defects", ())
+    )
+    return header
+
+
+def _mailboxes(values: list[tuple[str, str]], defects: list[str]) -> tuple[Mailbox, ...]:
+    found: list[Mailbox] = []
+    for name, value in values:
+        header = _read_header(name, value, defects)
+        addresses = getattr(header, "addresses", None)
+        if addresses is None:  # the structured parser gave up: read it the old way
+            defects.append(f"unreadable {_short(name)} header")
+            pairs = email.utils.getaddresses([_LINE_BREAK.sub("", value)])
+            for display, spec in pairs:
+                if display or spec:
+                    decoded = str(_read_header(name, display, [], structured=False))
+                    found.append(Mailbox(clean(decoded), clean(_from_8bit(spec)[0])))
+            continue
+        for address in addresses:
+            try:
+                spec = address.addr_spec
+            except _LIBRARY_ERRORS:
+                spec = ""
+            spec = "" if spec == "<>" else spec
+            if address.display_name or spec:
+                found.append(Mailbox(clean(address.display_name), clean(spec)))
+    return tuple(found)
+
+
+def _message_id(value: str) -> str | None:
+    text, _ = _from_8bit(_LINE_BREAK.sub("", value))
+    match = _ANGLE_ADDR.search(text)
+    found = match.group(1) if match else text.strip("<> \t")
+    return clean(found.strip()) or None
+
+
+def _date(value: str, defects: list[str]) -> str | None:
+    text = _LINE_BREAK.sub("", value).strip()
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        defects.append("unreadable Date header")
+        return None
+    if moment.tzinfo is None:  # '-0000': UTC, local offset unknown (RFC 5322 §3.3)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.isoformat()
+
+
+def _passthrough(
+    items: list[tuple[str, str]], prefixes: Sequence[str], defects: list[str]
+) -> dict[str, str]:
+    wanted = tuple(p.strip().lower() for p in prefixes if p.strip())
+    if not wanted:
+        return {}
+    found: dict[str, str] = {}
+    spelling: dict[str, str] = {}  # lowercase name → the first spelling seen
+    for name, value in items:
+        key = name.lower()
+        if not key.startswith(wanted):
+            continue
+        text = clean(str(_read_header(name, value, defects, structured=False)))
+        if key in spelling:
+            found[spelling[key]] += ", " + text
+        else:
+            spelling[key] = clean(name)
+            found[spelling[key]] = text
+    return found
+
+
+# --- bodies and attachments ------------------------------------------------
+
+
+def _decode_text(data: bytes, charset: str | None, where: str, defects: list[str]) -> str:
+    """Text from bytes: the declared charset, else UTF-8, else latin-1."""
+    if charset and charset not in _ASCII_CHARSETS:
+        try:
+            return data.decode(charset)
+        except LookupError:
+            defects.append(f"undecodable charset {_short(charset)} in {where}")
+        except ValueError:  # UnicodeDecodeError, or a codec that is no text codec
+            try:
+                text = data.decode(charset, errors="replace")
+            except (LookupError, ValueError):
+                defects.append(f"undecodable charset {_short(charset)} in {where}")
+            else:
+                defects.append(f"invalid {_short(charset)} bytes in {where}")
+                return text
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if not charset or charset in _ASCII_CHARSETS:
+            defects.append(f"undeclared 8-bit text in {where} (read as latin-1)")
+        return data.decode("latin-1")
+
+
+def _charset(part: email.message.Message) -> str | None:
+    try:
+        return part.get_content_charset()
+    except _LIBRARY_ERRORS:
+        return None
+
+
+def _transfer_encoding(part: email.message.Message) -> str:
+    return str(part.get("content-transfer-encoding", "")).strip().lower()
+
+
+def _serialise(messages: list[Any], defects: list[str]) -> bytes:
+    """The bytes of nested messages (``message/*`` payloads), as received."""
+    buffer = io.BytesIO()
+    try:
+        for nested in messages:
+            BytesGenerator(buffer, policy=_SERIALISE_POLICY).flatten(nested)
+    except _LIBRARY_ERRORS as error:
+        defects.append(f"unreadable nested message ({type(error).__name__})")
+        return b""
+    return buffer.getvalue()
+
+
+def _content(part: email.message.Message, defects: list[str]) -> bytes:
+    """The decoded content of a leaf part, copying large payloads as little as possible."""
+    payload = part._payload  # get_payload() would copy it once just to look for 8-bit bytes
+    encoding = _transfer_encoding(part)
+    if isinstance(payload, list):  # message/*: the nested message, not its parts
+        data = _serialise(payload, defects)
+        try:
+            if encoding == "base64":  # not allowed by RFC 2046, but sent
+                return binascii.a2b_base64(data)
+            if encoding == "quoted-printable":
+                return binascii.a2b_qp(data)
+        except ValueError:
+            defects.append(f"undecodable {encoding} nested message")
+        return data
+    if encoding == "base64" and isinstance(payload, str):
+        try:
+            return binascii.a2b_base64(payload)  # accepts ASCII str, skips line breaks
+        except ValueError:  # bad padding or 8-bit bytes: the careful way below
+            pass
+    try:
+        data = part.get_payload(decode=True)
+    except _LIBRARY_ERRORS as error:
+        defects.append(f"undecodable {_short(encoding)} content ({type(error).__name__})")
+        return b""
+    return data if isinstance(data, bytes) else b""
+
+
+def _filename(part: email.message.Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except _LIBRARY_ERRORS:
+        return None
+    return clean(name) if name else None
+
+
+def _content_id(part: email.message.Message) -> str | None:
+    value = part.get("content-id")
+    if value is None:
+        return None
+    found = clean(str(value)).strip().removeprefix("<").removesuffix(">").strip()
+    return found or None
+
+
+@dataclass
+class _Leaf:
+    """A part that is not a container, with what decides its role."""
+
+    part: email.message.Message
+    content_type: str
+    in_alternative: bool
+    disposition: str | None
+    filename: str | None
+
+    @property
+    def is_body(self) -> bool:
+        """Text or HTML meant to be read, not an attachment."""
+        textual = self.content_type in (_PLAIN, _HTML) or self.content_type.startswith(
+            "multipart/"  # a multipart whose boundary was never found: its body as text
+        )
+        return textual and self.disposition != "attachment" and self.filename is None
+
+    @property
+    def kind(self) -> str:
+        return _HTML if self.content_type == _HTML else _PLAIN
+
+
+def _walk(msg: email.message.Message) -> tuple[list[_Leaf], list[email.message.Message]]:
+    """One pass over the MIME tree, in document order, not into nested messages."""
+    leaves: list[_Leaf] = []
+    parts: list[email.message.Message] = []
+    stack: list[tuple[email.message.Message, bool]] = [(msg, False)]
+    while stack:
+        part, in_alternative = stack.pop()
+        parts.append(part)
+        content_type = part.get_content_type()
+        if part.is_multipart() and not content_type.startswith("message/"):
+            children = part.get_payload()
+            inside = in_alternative or content_type == _ALTERNATIVE
+            stack.extend((child, inside) for child in reversed(children))
+            continue
+        disposition = part.get_content_disposition()
+        leaves.append(_Leaf(part, content_type, in_alternative, disposition, _filename(part)))
+    return leaves, parts
+
+
+def _choose(leaves: list[_Leaf], kind: str) -> _Leaf | None:
+    """The first body of ``kind``, preferring one inside multipart/alternative."""
+    bodies = [leaf for leaf in leaves if leaf.is_body and leaf.kind == kind]
+    preferred = [leaf for leaf in bodies if leaf.in_alternative]
+    return (preferred or bodies or [None])[0]
+
+
+def _body(leaf: _Leaf | None, defects: list[str]) -> str | None:
+    if leaf is None:
+        return None
+    data = _content(leaf.part, defects)
+    text = _decode_text(data, _charset(leaf.part), _short(leaf.content_type), defects)
+    return clean(text.replace("\r\n", "\n"))
+
+
+def _attachment(leaf: _Leaf, cap_bytes: int, defects: list[str]) -> Attachment:
+    data = _content(leaf.part, defects)
+    content_id = _content_id(leaf.part)
+    disposition: Literal["attachment", "inline"]
+    if leaf.disposition in ("attachment", "inline"):
+        disposition = "attachment" if leaf.disposition == "attachment" else "inline"
+    else:
+        disposition = "inline" if content_id or leaf.is_body else "attachment"
+    return Attachment(
+        filename=leaf.filename,
+        content_type=clean(leaf.content_type),
+        size_bytes=len(data),
+        content_id=content_id,
+        disposition=disposition,
+        data=base64.b64encode(data).decode("ascii") if len(data) <= cap_bytes else None,
+    )
+
+
+# --- the whole message -----------------------------------------------------
+
+
+def _read(raw: bytes, defects: list[str]) -> email.message.Message:
+    """The parsed message; failing that its headers with the body as text."""
+    try:
+        return BytesParser(policy=_POLICY).parsebytes(raw)
+    except _LIBRARY_ERRORS as error:
+        defects.append(f"unreadable MIME structure ({type(error).__name__}); body read as text")
+    try:
+        return BytesParser(policy=_POLICY).parsebytes(raw, headersonly=True)
+    except _LIBRARY_ERRORS as error:
+        defects.append(f"unreadable headers ({type(error).__name__}); message read as text")
+    msg = email.message.EmailMessage(policy=_POLICY)
+    msg.set_payload(raw.decode("ascii", "surrogateescape"))
+    return msg
+
+
+def _unique(defects: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(clean(d) for d in defects))
+
+
+def _message(
+    raw: bytes, header_prefixes: Sequence[str], cap_bytes: int, defects: list[str]
+) -> Message:
+    msg = _read(raw, defects)
+    items = list(msg.raw_items())
+    by_name: dict[str, list[tuple[str, str]]] = {}
+    for name, value in items:
+        by_name.setdefault(name.lower(), []).append((name, value))
+
+    def first(key: str) -> tuple[str, str] | None:
+        values = by_name.get(key)
+        return values[0] if values else None
+
+    subject_item = first("subject")
+    subject = clean(str(_read_header(*subject_item, defects))) if subject_item else ""
+    senders = _mailboxes(by_name.get("from", [])[:1], defects)
+    id_item, date_item = first("message-id"), first("date")
+
+    leaves, parts = _walk(msg)
+    text_leaf, html_leaf = _choose(leaves, _PLAIN), _choose(leaves, _HTML)
+    text = _body(text_leaf, defects)
+    html_body = _body(html_leaf, defects)
+    if text is None:
+        text = clean(_html2text(html_body, defects)) if html_body is not None else ""
+    attachments = tuple(
+        _attachment(leaf, cap_bytes, defects)
+        for leaf in leaves
+        if leaf is not text_leaf
+        and leaf is not html_leaf
+        and not (leaf.is_body and leaf.in_alternative)  # an unchosen alternative
+    )
+    for part in parts:  # after decoding, which adds base64 defects
+        defects.extend(type(defect).__name__ for defect in part.defects)
+
+    return Message(
+        subject=subject,
+        sender=senders[0] if senders else None,
+        to=_mailboxes(by_name.get("to", []), defects),
+        cc=_mailboxes(by_name.get("cc", []), defects),
+        reply_to=_mailboxes(by_name.get("reply-to", []), defects),
+        message_id=_message_id(id_item[1]) if id_item else None,
+        date=_date(date_item[1], defects) if date_item else None,
+        text=text,
+        html=html_body,
+        headers=_passthrough(items, header_prefixes, defects),
+        attachments=attachments,
+        defects=_unique(defects),
+    )
+
+
+def parse(
+    raw: bytes,
+    *,
+    header_prefixes: Sequence[str] = (),
+    max_inline_attachment_bytes: int = 10 * MiB,
+) -> Message:
+    """Read one message; never raises (what cannot be read is in ``defects``)."""
+    defects: list[str] = []
+    try:
+        return _message(raw, header_prefixes, max_inline_attachment_bytes, defects)
+    except Exception as error:  # the last guard: malformed mail must not stop a session or worker
+        defects.append(f"unreadable message ({type(error).__name__}); read as text")
+        return Message(
+            subject="",
+            sender=None,
+            to=(),
+            cc=(),
+            reply_to=(),
+            message_id=None,
+            date=None,
+            text=clean(_decode_text(raw, None, "message", defects).replace("\r\n", "\n")),
+            html=None,
+            headers={},
+            attachments=(),
+            defects=_unique(defects),
+        )
