@@ -133,6 +133,8 @@ def test_longest_line_check(content: bytes, limit: int, expected: bool) -> None:
         ("550 5.1.1 already enhanced", "550 5.1.1 already enhanced"),
         ("354 End data", "354 End data"),
         ("599 odd", "599 5.0.0 odd"),
+        ("220 mx.test mailbridge ESMTP", "220 mx.test mailbridge ESMTP"),
+        ("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),
     ],
 )
 def test_every_reply_gets_an_enhanced_code(reply: str, expected: str) -> None:

@@ -42,7 +42,7 @@ DEFAULT_ENHANCED = {
     "250": "2.0.0",
     "252": "2.0.0",
     "214": "2.0.0",
-    "220": "2.0.0",
+    "220": "2.0.0",  # only "Ready to start TLS"; the greeting has none
     "421": "4.7.0",
     "450": "4.2.0",
     "451": "4.3.0",
@@ -69,6 +69,8 @@ def enhance(reply: str) -> str:
     if match is None or HAS_ENHANCED.match(reply):
         return reply
     code = match.group(1) + match.group(2)
+    if code == "220" and not match.group(4).startswith("Ready to start TLS"):
+        return reply  # the greeting has no enhanced code (RFC 2034 §3)
     enhanced = DEFAULT_ENHANCED.get(code, f"{match.group(1)}.0.0")
     return f"{code}{match.group(3)}{enhanced} {match.group(4)}"
 
@@ -166,6 +168,8 @@ class Session(SMTP):
         if self.transport is None or self.transport.is_closing():
             return
         await super().push(reply)
+        if reply.startswith("530"):  # aiosmtpd's require_starttls gate
+            self.metrics.reject("tls_required")
         if reply.startswith("421"):
             self.transport.close()
 
@@ -204,6 +208,11 @@ class Session(SMTP):
             return
         await super().smtp_STARTTLS(arg)
         self.metrics.tls_sessions.inc()
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        # The bridge takes mail for its routes only; there is nothing to log in to.
+        await self.push("502 5.5.1 Error: authentication not available")
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:

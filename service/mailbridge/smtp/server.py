@@ -1,0 +1,97 @@
+"""The SMTP listener: one asyncio server whose connections are :class:`Session`\\ s.
+
+Runs in the application's event loop (no thread, unlike aiosmtpd's Controller),
+so sessions, delivery and the HTTP server share one loop. :meth:`Listener.drain`
+implements graceful shutdown: stop accepting, let open sessions finish within a
+bound, then say ``421 4.7.0`` to the rest and close them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+from mailbridge.config import SmtpSettings
+from mailbridge.observability.metrics import Metrics
+from mailbridge.smtp.handler import Handler
+from mailbridge.smtp.limits import SessionLimits
+from mailbridge.smtp.session import Session
+
+log = logging.getLogger("mailbridge.smtp")
+
+
+class Listener:
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        handler: Handler,
+        metrics: Metrics,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.metrics = metrics
+        self.tls_context = tls_context
+        self.limits = SessionLimits(
+            max_sessions=settings.max_sessions, max_sessions_per_ip=settings.max_sessions_per_ip
+        )
+        self.sessions: set[Session] = set()
+        self._server: asyncio.Server | None = None
+
+    def _new_session(self) -> Session:
+        session = _TrackedSession(
+            self,
+            self.handler,
+            settings=self.settings,
+            limits=self.limits,
+            metrics=self.metrics,
+            tls_context=self.tls_context,
+        )
+        self.sessions.add(session)
+        return session
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_session, host=self.settings.host, port=self.settings.port, reuse_address=True
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Stop accepting; wait up to ``grace_seconds`` for sessions; then close the rest."""
+        self.limits.draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace_seconds
+        while self.sessions and time.monotonic() < deadline:
+            # Sessions between transactions have nothing to lose: close them now.
+            for session in list(self.sessions):
+                if session.envelope is None or not session.envelope.mail_from:
+                    await session.push("421 4.7.0 Shutting down; try again later")
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            if session.transport is not None and not session.transport.is_closing():
+                await session.push("421 4.7.0 Shutting down; try again later")
+        if self.sessions:
+            log.info("closed %d sessions at shutdown", len(self.sessions))
+        await asyncio.sleep(0)
+
+
+class _TrackedSession(Session):
+    def __init__(self, listener: Listener, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._listener = listener
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._listener.sessions.discard(self)
+        super().connection_lost(error)
