@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             sys.stdout.write(config.to_yaml(settings))
         return 0
-    logs.configure(settings.log)
+    logs.configure(settings.log, demo=settings.demo_mode)
     try:
         return asyncio.run(app.run(settings))
     except config.ConfigError as error:

@@ -80,7 +80,7 @@ def summary(payload: dict[str, Any], *, signature_ok: bool, saved: Path) -> str:
 def _save(inbox_dir: Path, payload: dict[str, Any]) -> Path:
     inbox_dir.mkdir(parents=True, exist_ok=True)
     name = str(payload.get("id", "message")).replace("/", "_")
-    saved = inbox_dir / f"{name}.json"
+    saved = (inbox_dir / f"{name}.json").resolve()
     saved.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", "utf-8")
     return saved
 

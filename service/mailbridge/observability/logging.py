@@ -63,11 +63,14 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
-def configure(settings: LogSettings, *, stream: Any = None) -> None:
-    """Install one handler on the root logger (replacing earlier ones)."""
+def configure(settings: LogSettings, *, stream: Any = None, demo: bool = False) -> None:
+    """Install one handler on the root logger (replacing earlier ones).
+
+    ``auto`` means readable lines on a terminal and in the local demo, JSON otherwise.
+    """
     stream = stream if stream is not None else sys.stderr
     use_console = settings.format == "console" or (
-        settings.format == "auto" and hasattr(stream, "isatty") and stream.isatty()
+        settings.format == "auto" and (demo or (hasattr(stream, "isatty") and stream.isatty()))
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(ConsoleFormatter() if use_console else JsonFormatter())
