@@ -1,5 +1,6 @@
 """Fixtures for the observability tests: the real promtool and Prometheus binaries,
-a process that exports the bridge's metrics, and a Prometheus scraping it.
+the real bridge after real mail (plus a scripted second instance), and a
+Prometheus scraping them.
 
 Everything listens on 127.0.0.1 only, every wait is bounded, and teardown stops
 exactly the processes started here, by PID. A missing binary fails the tests
@@ -9,16 +10,22 @@ exactly the processes started here, by PID. A missing binary fails the tests
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import shutil
+import smtplib
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from live_processes import (
     Prometheus,
+    free_port,
     http_get,
     prometheus_config,
     start_prometheus,
@@ -26,6 +33,8 @@ from live_processes import (
     wait_for,
 )
 from observability_assets import RULES_FILE
+
+from tests.support.receiver import ReceiverThread
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,27 +82,114 @@ def _fake_bridge(log: Path) -> Iterator[str]:
         stop(process)
 
 
-@pytest.fixture(scope="session")
-def metrics_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``host:port`` of a running process that serves the bridge's ``/metrics``.
+#: Routes of the real bridge: billing's webhook answers 200, support's 503.
+BRIDGE_CONFIG = """
+routes:
+  - name: billing
+    recipients: ["billing@example.com"]
+    webhook: {url: "%(receiver)s/billing"}
+  - name: support
+    recipients: ["support@example.com"]
+    webhook: {url: "%(receiver)s/support"}
+delivery:
+  sync_attempts: 1
+  sync_budget_seconds: 5
+"""
 
-    For now: ``fake_bridge.py``, the real :class:`mailbridge.observability.metrics.Metrics`
-    driven by a scripted workload. When the bridge can run as a process, this
-    fixture is the one place to change: start ``mailbridge`` with
-    ``MAILBRIDGE_HTTP__PORT`` and ``MAILBRIDGE_SMTP__PORT`` on loopback, send it
-    mail with smtplib, and yield the HTTP address.
-    """
-    with _fake_bridge(tmp_path_factory.mktemp("target") / "target.log") as address:
-        yield address
+
+@dataclass
+class BridgeTarget:
+    """The real bridge as a process, and the mail it was sent."""
+
+    address: str  # host:port of /metrics
+    smtp_port: int
+    accepted: int  # messages that got 250
+    replies: dict[str, int]  # recipient -> SMTP reply code at the end
+
+
+def _send_mail(port: int, recipient: str, *, starttls: bool = False) -> int:
+    """Send one message with smtplib; the reply code for it (250, 451, 550...)."""
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "app@example.org", recipient, "hello"
+    message.set_content("One line of text.\n")
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        if starttls:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # self-signed
+            smtp.starttls(context=context)
+        try:
+            smtp.send_message(message)
+        except smtplib.SMTPRecipientsRefused as error:
+            return error.recipients[recipient][0]
+        except smtplib.SMTPResponseException as error:
+            return error.smtp_code
+    return 250
+
+
+@pytest.fixture(scope="session")
+def real_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeTarget]:
+    """The ``mailbridge`` command running on loopback with two routes to a real
+    webhook receiver, after it processed real mail over SMTP: delivered (plain
+    and STARTTLS), refused by its webhook (451) and for an unknown recipient (550).
+    Stopped by PID (SIGTERM, then SIGKILL)."""
+    binary = Path(sys.executable).parent / "mailbridge"
+    if not binary.exists():
+        pytest.fail(f"{binary} is missing: run scripts/setup (pip install -e .)")
+    workdir = tmp_path_factory.mktemp("bridge")
+    smtp_port, http_port = free_port(), free_port()
+    with ReceiverThread() as receiver:
+        receiver.respond(lambda delivery: 503 if delivery.path == "/support" else 200)
+        (workdir / "bridge.yaml").write_text(BRIDGE_CONFIG % {"receiver": receiver.base_url})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILBRIDGE_", "OTEL_"))}
+        env.update(
+            MAILBRIDGE_CONFIG=str(workdir / "bridge.yaml"),
+            MAILBRIDGE_SMTP__HOST="127.0.0.1",
+            MAILBRIDGE_SMTP__PORT=str(smtp_port),
+            MAILBRIDGE_HTTP__HOST="127.0.0.1",
+            MAILBRIDGE_HTTP__PORT=str(http_port),
+            MAILBRIDGE_LOG__FORMAT="json",
+        )
+        log = workdir / "bridge.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [str(binary)], cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT
+            )
+        try:
+
+            def ready() -> bool:
+                if process.poll() is not None:
+                    pytest.fail(f"mailbridge exited with {process.returncode}:\n{log.read_text()}")
+                return bool(http_get(f"http://127.0.0.1:{http_port}/readyz", timeout=2))
+
+            wait_for("mailbridge to be ready", ready, timeout=20)
+            replies = {
+                "billing@example.com": _send_mail(smtp_port, "billing@example.com"),
+                "support@example.com": _send_mail(smtp_port, "support@example.com"),
+                "nobody@example.com": _send_mail(smtp_port, "nobody@example.com"),
+            }
+            tls_reply = _send_mail(smtp_port, "billing@example.com", starttls=True)
+            accepted = [*replies.values(), tls_reply].count(250)
+            yield BridgeTarget(f"127.0.0.1:{http_port}", smtp_port, accepted, replies)
+        finally:
+            stop(process)
+
+
+@pytest.fixture(scope="session")
+def metrics_target(real_bridge: BridgeTarget) -> str:
+    """``host:port`` of the real bridge's ``/metrics``, after it processed real mail."""
+    return real_bridge.address
 
 
 @pytest.fixture(scope="session")
 def metrics_targets(
     metrics_target: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[str]]:
-    """Two instances of one job, as a Deployment with two replicas gives: with
-    two, a wrong ``on (...)`` join breaks (duplicate series) instead of matching
-    by luck."""
+    """The real bridge and ``fake_bridge.py``, two instances of one job as a
+    Deployment with two replicas gives. The second is the bridge's own
+    ``Metrics`` under a scripted load: it shows what the bridge cannot yet
+    (spool mode, an open circuit, dead letters), and with two instances a
+    wrong ``on (...)`` join breaks (duplicate series) instead of matching by luck.
+    """
     with _fake_bridge(tmp_path_factory.mktemp("target") / "target.log") as second:
         yield [metrics_target, second]
 

@@ -1,6 +1,9 @@
-"""A stand-in for a running bridge's ``/metrics``, until the bridge itself can run.
+"""A second, scripted bridge instance: the metrics the real bridge cannot show yet.
 
-It builds the bridge's real :class:`~mailbridge.observability.metrics.Metrics`
+The live tests scrape the real bridge after real mail, but a sync-mode bridge
+has no spool (so no spool gauges or dead letters) and its circuits stay closed.
+
+This builds the bridge's real :class:`~mailbridge.observability.metrics.Metrics`
 (so every name and label is the bridge's own), serves its registry on
 127.0.0.1 with ``prometheus_client``, and drives it with a scripted workload
 every 0.1 s: sessions, commands, accepted and rejected messages, webhook

@@ -1,9 +1,12 @@
 """Every PromQL expression we ship, evaluated by a real Prometheus scraping real metrics.
 
 A real ``prometheus`` (conftest.py) scrapes ``metrics_targets`` every second: two
-instances of one job, each the bridge's own metrics registry under load, so a
-wrong join fails as it would in a real Deployment. The chart's rules file is
-loaded too. Each expression then goes through ``/api/v1/query``.
+instances of one job, as in a real Deployment, so a wrong join fails here too.
+One is the real ``mailbridge`` process after real SMTP mail to a real webhook
+receiver; the other is the bridge's own ``Metrics`` under a scripted load
+(``fake_bridge.py``), for what the bridge cannot show yet (spool mode, an open
+circuit, dead letters). The chart's rules file is loaded too. Each expression
+then goes through ``/api/v1/query``.
 
 How "returns data" is checked, and why:
 
@@ -36,7 +39,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from live_processes import TARGET_JOB, Prometheus, wait_for
+from conftest import BridgeTarget
+from live_processes import Prometheus, wait_for
 from observability_assets import (
     LABEL_VALUES,
     PanelQuery,
@@ -48,6 +52,8 @@ from observability_assets import (
     variables,
 )
 from promql_text import selectors, strip_conditions, substitute_grafana_variables
+
+import mailbridge
 
 
 def _result(prometheus: Prometheus, expr: str) -> list[dict]:
@@ -105,13 +111,56 @@ def test_route_variable_lists_the_configured_routes(prometheus: Prometheus) -> N
     assert {"billing", "support"} == {series["metric"]["route"] for series in result}
 
 
-def test_target_exports_every_metric_of_the_bridge(prometheus: Prometheus) -> None:
-    """The target is worth testing against only if it exports every metric: this
-    also holds the real bridge to exporting all of metrics.py once it is the target."""
-    result = _result(prometheus, f'count by (__name__) ({{job="{TARGET_JOB}"}})')
+@pytest.mark.parametrize("which", ["real bridge", "scripted instance"])
+def test_each_target_exports_every_metric_of_the_bridge(
+    prometheus: Prometheus, metrics_targets: list[str], which: str
+) -> None:
+    """The queries are only proven against data if every metric is there: the
+    real bridge must export all of metrics.py, and so must the scripted one."""
+    instance = metrics_targets[["real bridge", "scripted instance"].index(which)]
+    result = _result(prometheus, f'count by (__name__) ({{instance="{instance}"}})')
     scraped = {series["metric"]["__name__"] for series in result}
     expected = {
         name + "_bucket" if kind == "histogram" else name
         for name, kind, _help, _labels in metric_families()
     }
     assert set() == expected - scraped
+
+
+def _value(prometheus: Prometheus, expr: str) -> float:
+    result = _result(prometheus, expr)
+    assert 1 == len(result), f"{expr}: {result}"
+    return float(result[0]["value"][1])
+
+
+def test_real_mail_shows_in_prometheus(prometheus: Prometheus, real_bridge: BridgeTarget) -> None:
+    """What the real bridge did with real mail arrives in Prometheus under the
+    names, labels and values the dashboard and the alerts read."""
+    assert {
+        "billing@example.com": 250,
+        "support@example.com": 451,
+        "nobody@example.com": 550,
+    } == real_bridge.replies
+    at = f'instance="{real_bridge.address}"'
+    assert real_bridge.accepted == _value(
+        prometheus, f"mailbridge_smtp_messages_accepted_total{{{at}}}"
+    )
+    assert 1 <= _value(
+        prometheus, f'mailbridge_smtp_messages_rejected_total{{{at}, reason="unknown_recipient"}}'
+    )
+    assert 1 <= _value(
+        prometheus, f'mailbridge_smtp_messages_rejected_total{{{at}, reason="temp_failure"}}'
+    )
+    assert 4 == _value(prometheus, f"mailbridge_smtp_sessions_total{{{at}}}")
+    assert 1 == _value(prometheus, f"mailbridge_smtp_tls_sessions_total{{{at}}}")
+    delivered = f'{at}, route="billing", outcome="delivered", status_class="2xx"'
+    assert 2 == _value(prometheus, f"mailbridge_webhook_attempts_total{{{delivered}}}")
+    failed = f'{at}, route="support", outcome!~"delivered|circuit_open", status_class="5xx"'
+    assert 1 <= _value(prometheus, f"sum(mailbridge_webhook_attempts_total{{{failed}}})")
+    assert 2 == _value(
+        prometheus, f'mailbridge_delivery_latency_seconds_count{{{at}, route="billing"}}'
+    )
+    # the message to nobody@ never reached DATA: its only recipient was refused
+    assert 3 == _value(prometheus, f"mailbridge_smtp_message_size_bytes_count{{{at}}}")
+    version = _result(prometheus, f"mailbridge_build_info{{{at}}}")[0]["metric"]["version"]
+    assert mailbridge.__version__ == version
