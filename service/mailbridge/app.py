@@ -21,6 +21,7 @@ from mailbridge import demo, http, routing
 from mailbridge.config import Settings
 from mailbridge.delivery import breaker, signing, webhook
 from mailbridge.delivery.sync import SyncDelivery
+from mailbridge.observability import tracing
 from mailbridge.observability.metrics import Metrics
 from mailbridge.pipeline import SyncPipeline
 from mailbridge.smtp import tls
@@ -49,6 +50,7 @@ async def run(
 ) -> int:
     """Run the bridge until stopped; return the process exit code."""
     stopping = asyncio.Event()
+    tracer_provider = tracing.configure()
     metrics = Metrics()
     _publish_limits(metrics, settings)
     tls_context = tls.server_context(settings.tls, settings.smtp.hostname)
@@ -132,6 +134,8 @@ async def run(
     await listener.drain(settings.smtp.shutdown_grace_seconds)
     await session.close()
     await http_runner.cleanup()
+    if tracer_provider is not None:
+        tracer_provider.shutdown()  # flush the last spans
     if install_signal_handlers:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from mailbridge import parsing, payload, routing
 from mailbridge.config import ParsingSettings
 from mailbridge.delivery.sync import SyncDelivery
+from mailbridge.observability import tracing
 from mailbridge.payload import Envelope
 
 log = logging.getLogger("mailbridge.pipeline")
@@ -35,11 +36,14 @@ def build_bodies(
     received_at: datetime.datetime,
 ) -> tuple[str, dict[str, bytes]]:
     """The stable id and one encoded payload per route that wants the message."""
-    message = parsing.parse(
-        raw,
-        header_prefixes=settings.header_prefixes,
-        max_inline_attachment_bytes=settings.max_inline_attachment_bytes,
-    )
+    with tracing.tracer().start_as_current_span("parse message") as span:
+        message = parsing.parse(
+            raw,
+            header_prefixes=settings.header_prefixes,
+            max_inline_attachment_bytes=settings.max_inline_attachment_bytes,
+        )
+        span.set_attribute("mailbridge.message.defects", len(message.defects))
+        span.set_attribute("mailbridge.message.attachments", len(message.attachments))
     webhook_id = payload.stable_id(envelope, raw)
     bodies = {
         route: payload.encode(

@@ -42,12 +42,20 @@ from types import MappingProxyType
 from typing import Literal
 
 import aiohttp
+from opentelemetry import trace
+from opentelemetry.semconv.attributes import (
+    error_attributes,
+    http_attributes,
+    server_attributes,
+    url_attributes,
+)
 from yarl import URL
 
 from mailbridge import __version__
 from mailbridge.config import ConfigError, RouteSettings
 from mailbridge.delivery import retry, signing
 from mailbridge.delivery.breaker import Breakers
+from mailbridge.observability import tracing
 from mailbridge.observability.metrics import Metrics, status_class
 
 log = logging.getLogger(__name__)
@@ -217,8 +225,14 @@ class WebhookClient:
         body: bytes,
         *,
         extra_headers: Mapping[str, str] | None = None,
+        link_to: Mapping[str, str] | None = None,
     ) -> Attempt:
-        """One attempt to deliver ``body`` to ``target``; never raises except on cancel."""
+        """One attempt to deliver ``body`` to ``target``; never raises except on cancel.
+
+        Each HTTP attempt is a ``POST`` client span: a child of the current span, linked
+        to the span whose context ``link_to`` holds (the message, when delivered later
+        from the spool). Its ``traceparent`` goes out with the request.
+        """
         destination = target.destination
         breaker = self._breakers.get(destination)
         routes = self._routes.setdefault(destination, set())
@@ -235,12 +249,25 @@ class WebhookClient:
 
         before = breaker.state
         started = self._monotonic()
-        try:
-            attempt = await self._request(target, webhook_id, body, extra_headers, started)
-        except BaseException:
-            breaker.release(self._monotonic())  # cancelled: no verdict on the destination
-            self._circuit_changed(destination, before, breaker.state)
-            raise
+        with tracing.tracer().start_as_current_span(
+            "POST",
+            kind=trace.SpanKind.CLIENT,
+            links=tracing.links(link_to),
+            attributes=_span_attributes(target, webhook_id),
+        ) as span:
+            try:
+                attempt = await self._request(
+                    target,
+                    webhook_id,
+                    body,
+                    {**(extra_headers or {}), **tracing.carrier()},
+                    started,
+                )
+            except BaseException:
+                breaker.release(self._monotonic())  # cancelled: no verdict on the destination
+                self._circuit_changed(destination, before, breaker.state)
+                raise
+            _record_on_span(span, attempt)
         now = self._monotonic()
         if attempt.outcome in ("delivered", "permanent"):
             breaker.record_success(now)
@@ -341,6 +368,29 @@ class WebhookClient:
         )
         for route in self._routes.get(destination, ()):
             self._metrics.set_circuit(route, after)
+
+
+def _span_attributes(target: Target, webhook_id: str) -> dict[str, str | int]:
+    url = URL(target.url)
+    return {
+        http_attributes.HTTP_REQUEST_METHOD: "POST",
+        # No query string or credentials: they may carry tokens.
+        url_attributes.URL_FULL: str(url.with_query(None).with_user(None).with_fragment(None)),
+        server_attributes.SERVER_ADDRESS: url.host or "",
+        server_attributes.SERVER_PORT: url.port or 0,
+        tracing.ROUTE: target.route,
+        tracing.WEBHOOK_ID: webhook_id,
+    }
+
+
+def _record_on_span(span: trace.Span, attempt: Attempt) -> None:
+    span.set_attribute(tracing.OUTCOME, attempt.outcome)
+    if attempt.status is not None:
+        span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, attempt.status)
+    if attempt.outcome != "delivered":
+        error_type = str(attempt.status) if attempt.status is not None else attempt.outcome
+        span.set_attribute(error_attributes.ERROR_TYPE, error_type)
+        span.set_status(trace.StatusCode.ERROR, attempt.error or attempt.outcome)
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

@@ -21,9 +21,11 @@ from typing import Protocol
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session as SmtpSession
+from opentelemetry import trace
 
 from mailbridge import routing
 from mailbridge.config import SmtpSettings
+from mailbridge.observability import tracing
 from mailbridge.observability.metrics import Metrics
 from mailbridge.payload import Envelope, TlsInfo
 from mailbridge.smtp.session import Session
@@ -138,7 +140,20 @@ class Handler:
             client_ip=server.client_ip,
             tls=TlsInfo(version=tls[0], cipher=tls[1]) if tls else None,
         )
-        reply = await self.dispatch(accepted, raw, received_monotonic=received)
+        with tracing.tracer().start_as_current_span(
+            "receive message",
+            attributes={
+                tracing.MESSAGE_SIZE: len(raw),
+                tracing.RECIPIENTS: len(accepted.rcpt_to),
+                tracing.ROUTES: list(routing.fan_out(self.routes, accepted.rcpt_to)),
+                tracing.SMTP_TLS: tls is not None,
+                tracing.SMTP_HELO: accepted.helo or "",
+            },
+        ) as span:
+            reply = await self.dispatch(accepted, raw, received_monotonic=received)
+            span.set_attribute("smtp.reply.code", int(reply[:3]))
+            if not reply.startswith("250"):
+                span.set_status(trace.StatusCode.ERROR, reply[:9])
         if reply.startswith("250"):
             self.metrics.messages_accepted.inc()
         elif reply.startswith("452"):

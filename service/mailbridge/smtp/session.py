@@ -25,8 +25,11 @@ import ssl
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, syntax
+from opentelemetry import trace
+from opentelemetry.semconv.attributes import network_attributes
 
 from mailbridge.config import SmtpSettings
+from mailbridge.observability import tracing
 from mailbridge.observability.metrics import Metrics
 from mailbridge.smtp import data
 from mailbridge.smtp.limits import SessionLimits
@@ -145,12 +148,24 @@ class Session(SMTP):
         return True
 
     async def _handle_client(self) -> None:
-        if self._proxy_timeout is None:
-            assert self.session is not None
-            peer = self.session.peer
-            if not await self.admit(peer[0] if isinstance(peer, tuple) else str(peer)):
+        assert self.session is not None
+        peer = self.session.peer
+        peer_ip, peer_port = (peer[0], peer[1]) if isinstance(peer, tuple) else (str(peer), 0)
+        with tracing.tracer().start_as_current_span(
+            "smtp session",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                network_attributes.NETWORK_PEER_ADDRESS: peer_ip,
+                network_attributes.NETWORK_PEER_PORT: peer_port,
+            },
+        ) as span:
+            if self._proxy_timeout is None and not await self.admit(peer_ip):
+                span.set_attribute("smtp.refused", True)
                 return
-        await super()._handle_client()
+            try:
+                await super()._handle_client()
+            finally:
+                span.set_attribute(tracing.SMTP_TLS, self._tls_protocol is not None)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.client_ip is not None:
