@@ -148,6 +148,7 @@ def real_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeTarg
             MAILBRIDGE_HTTP__HOST="127.0.0.1",
             MAILBRIDGE_HTTP__PORT=str(http_port),
             MAILBRIDGE_LOG__FORMAT="json",
+            MAILBRIDGE_SMTP__SHUTDOWN_GRACE_SECONDS="2",  # a bounded stop at teardown
         )
         log = workdir / "bridge.log"
         with log.open("wb") as output:
