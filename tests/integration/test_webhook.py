@@ -116,7 +116,7 @@ async def test_sends_standard_webhooks_headers_that_standardwebhooks_verifies(
         target,
         "msg_1",
         BODY,
-        extra_headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
+        extra_headers={"x-request-id": "req-aaaa"},
     )
 
     assert attempt.outcome == "delivered"
@@ -135,7 +135,7 @@ async def test_sends_standard_webhooks_headers_that_standardwebhooks_verifies(
     assert all(sig.startswith("v1,") for sig in delivery.signatures)
     assert headers["authorization"] == "Bearer t0ken"
     assert headers["x-team"] == "billing"
-    assert headers["traceparent"].startswith("00-aaaa")
+    assert headers["x-request-id"] == "req-aaaa"
 
 
 @pytest.mark.parametrize("receiver_secrets", [[OLD], [NEW], [OLD, NEW]])
