@@ -14,7 +14,15 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from mailbridge import __version__
 
@@ -62,13 +70,14 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_* (memory, CPU, open files, start time) and python_info, the standard way.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.build_info = Info("mailbridge_build", "Version of the running bridge.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
 
         # --- SMTP ingress ---
-        self.sessions = Counter(
-            "mailbridge_smtp_sessions", "SMTP sessions opened.", registry=r
-        )
+        self.sessions = Counter("mailbridge_smtp_sessions", "SMTP sessions opened.", registry=r)
         self.sessions_active = Gauge(
             "mailbridge_smtp_sessions_active", "SMTP sessions open now.", registry=r
         )
