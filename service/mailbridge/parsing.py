@@ -29,8 +29,9 @@ Settings (from the ``parsing`` group, passed in): ``header_prefixes``,
 Known limits: a nested message is re-serialised by the standard library (CRLF
 line ends, header folding as received), so its bytes can differ slightly from
 what was sent. Filenames are as the sender wrote them: never use one as a path.
-``format=flowed`` text is not unwrapped. ``html2text`` is pure Python and slow
-on multi-megabyte HTML.
+``format=flowed`` text is not unwrapped. ``html2text`` is pure Python (about
+1.5 s per MiB), so HTML-only bodies over :data:`HTML2TEXT_MAX_CHARS` get their
+tags stripped instead.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from typing import Any, Literal
 import html2text
 
 MiB = 1024 * 1024
+HTML2TEXT_MAX_CHARS = MiB  # larger HTML-only bodies get their tags stripped instead
 
 # What the email package (and html2text) raise on malformed input. Bodies and
 # headers are never trusted, so each read is guarded by exactly these.
@@ -71,7 +73,7 @@ _LIBRARY_ERRORS: tuple[type[Exception], ...] = (
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _LINE_BREAK = re.compile("[\r\n]")
 _ANGLE_ADDR = re.compile("<([^<>]*)>")
-_TAG = re.compile(r"<[^>]*>")
+_TAG = re.compile(r"<[^<>]*>")  # [^<>]: linear even on '<<<<…' without a '>'
 _ASCII_CHARSETS = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968", "iso-646-us", "646"})
 _ALTERNATIVE = "multipart/alternative"
 _PLAIN = "text/plain"
@@ -179,7 +181,29 @@ _POLICY = policy.default.clone(header_factory=_HEADERS)
 _SERIALISE_POLICY = _POLICY.clone(linesep="\r\n", refold_source="none")
 
 
+class _Serialiser(BytesGenerator):
+    """A BytesGenerator that writes non-ASCII text as UTF-8 instead of raising.
+
+    The stdlib one raises on a multipart whose boundary was never found and whose
+    body holds 8-bit bytes: it hands that body to ``write`` as decoded text.
+    """
+
+    def write(self, s: str) -> None:
+        try:
+            super().write(s)
+        except UnicodeEncodeError:
+            super().write(clean(s).encode("utf-8").decode("ascii", "surrogateescape"))
+
+
+def _strip_tags(markup: str) -> str:
+    return html.unescape(_TAG.sub(" ", markup)).strip()
+
+
 def _html2text(markup: str, defects: list[str]) -> str:
+    """A text rendering of HTML-only mail; tags stripped when html2text cannot do it."""
+    if len(markup) > HTML2TEXT_MAX_CHARS:  # html2text is pure Python: ~1.5 s per MiB
+        defects.append("HTML body too large for html2text; text made by stripping tags")
+        return _strip_tags(markup)
     converter = html2text.HTML2Text()
     converter.body_width = 0
     converter.ignore_images = True
@@ -187,8 +211,8 @@ def _html2text(markup: str, defects: list[str]) -> str:
     try:
         return converter.handle(markup).strip()
     except _LIBRARY_ERRORS as error:
-        defects.append(f"html2text failed ({type(error).__name__}); tags stripped instead")
-        return html.unescape(_TAG.sub(" ", markup)).strip()
+        defects.append(f"html2text failed ({type(error).__name__}); text made by stripping tags")
+        return _strip_tags(markup)
 
 
 # --- headers ---------------------------------------------------------------
@@ -260,6 +284,8 @@ def _date(value: str, defects: list[str]) -> str | None:
 def _passthrough(
     items: list[tuple[str, str]], prefixes: Sequence[str], defects: list[str]
 ) -> dict[str, str]:
+    if isinstance(prefixes, str):
+        prefixes = [prefixes]
     wanted = tuple(p.strip().lower() for p in prefixes if p.strip())
     if not wanted:
         return {}
@@ -315,12 +341,12 @@ def _transfer_encoding(part: email.message.Message) -> str:
     return str(part.get("content-transfer-encoding", "")).strip().lower()
 
 
-def _serialise(messages: list[Any], defects: list[str]) -> bytes:
+def _serialise(messages: object, defects: list[str]) -> bytes:
     """The bytes of nested messages (``message/*`` payloads), as received."""
     buffer = io.BytesIO()
     try:
-        for nested in messages:
-            BytesGenerator(buffer, policy=_SERIALISE_POLICY).flatten(nested)
+        for nested in messages if isinstance(messages, list) else ():
+            _Serialiser(buffer, policy=_SERIALISE_POLICY).flatten(nested)
     except _LIBRARY_ERRORS as error:
         defects.append(f"unreadable nested message ({type(error).__name__})")
         return b""
@@ -329,10 +355,9 @@ def _serialise(messages: list[Any], defects: list[str]) -> bytes:
 
 def _content(part: email.message.Message, defects: list[str]) -> bytes:
     """The decoded content of a leaf part, copying large payloads as little as possible."""
-    payload = part._payload  # get_payload() would copy it once just to look for 8-bit bytes
     encoding = _transfer_encoding(part)
-    if isinstance(payload, list):  # message/*: the nested message, not its parts
-        data = _serialise(payload, defects)
+    if part.is_multipart():  # message/*: the nested message, not its parts
+        data = _serialise(part.get_payload(), defects)
         try:
             if encoding == "base64":  # not allowed by RFC 2046, but sent
                 return binascii.a2b_base64(data)
@@ -341,17 +366,21 @@ def _content(part: email.message.Message, defects: list[str]) -> bytes:
         except ValueError:
             defects.append(f"undecodable {encoding} nested message")
         return data
-    if encoding == "base64" and isinstance(payload, str):
+    if encoding == "base64":
         try:
-            return binascii.a2b_base64(payload)  # accepts ASCII str, skips line breaks
-        except ValueError:  # bad padding or 8-bit bytes: the careful way below
+            # Straight from the text (a2b skips line breaks): get_payload(decode=True)
+            # would first copy the whole payload three more times.
+            text = part.get_payload()
+            if isinstance(text, str):
+                return binascii.a2b_base64(text)
+        except _LIBRARY_ERRORS:  # bad padding or 8-bit bytes: the careful way below
             pass
     try:
-        data = part.get_payload(decode=True)
+        data_or_none: object = part.get_payload(decode=True)
     except _LIBRARY_ERRORS as error:
         defects.append(f"undecodable {_short(encoding)} content ({type(error).__name__})")
         return b""
-    return data if isinstance(data, bytes) else b""
+    return data_or_none if isinstance(data_or_none, bytes) else b""
 
 
 def _filename(part: email.message.Message) -> str | None:
@@ -370,7 +399,7 @@ def _content_id(part: email.message.Message) -> str | None:
     return found or None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Leaf:
     """A part that is not a container, with what decides its role."""
 
@@ -405,7 +434,12 @@ def _walk(msg: email.message.Message) -> tuple[list[_Leaf], list[email.message.M
         if part.is_multipart() and not content_type.startswith("message/"):
             children = part.get_payload()
             inside = in_alternative or content_type == _ALTERNATIVE
-            stack.extend((child, inside) for child in reversed(children))
+            if isinstance(children, list):
+                stack.extend(
+                    (child, inside)
+                    for child in reversed(children)
+                    if isinstance(child, email.message.Message)
+                )
             continue
         disposition = part.get_content_disposition()
         leaves.append(_Leaf(part, content_type, in_alternative, disposition, _filename(part)))
@@ -416,7 +450,8 @@ def _choose(leaves: list[_Leaf], kind: str) -> _Leaf | None:
     """The first body of ``kind``, preferring one inside multipart/alternative."""
     bodies = [leaf for leaf in leaves if leaf.is_body and leaf.kind == kind]
     preferred = [leaf for leaf in bodies if leaf.in_alternative]
-    return (preferred or bodies or [None])[0]
+    found = preferred or bodies
+    return found[0] if found else None
 
 
 def _body(leaf: _Leaf | None, defects: list[str]) -> str | None:

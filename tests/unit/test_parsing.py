@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailbridge import parsing
 from mailbridge.parsing import Attachment, Mailbox, Message, parse
 
 MESSAGES = Path(__file__).parent / "messages"
@@ -233,6 +234,29 @@ EXPECTED: dict[str, Message] = {
         sender=Mailbox("", "alerts@monitor.example"),
         to=(Mailbox("", "oncall@example.com"),),
     ),
+    "order_confirmation.eml": message(
+        subject="Order 1001 confirmed ✓",
+        sender=Mailbox("Schönes Shop", "orders@shop.example"),
+        to=(
+            Mailbox("Customer", "customer+orders@example.com"),
+            Mailbox("", "archive@shop.example"),
+        ),
+        cc=(Mailbox("Support Team", "support@shop.example"),),
+        reply_to=(Mailbox("Support", "support@shop.example"),),
+        message_id="order-1001.1712743200@shop.example",
+        date="2024-04-10T12:00:00+02:00",
+        text="Thank you for your order!\n\nOrder 1001: 2 \u00d7 Espresso cups, 24,00 €",
+        html='<p><img src="cid:logo@shop.example"></p><p>Thank you for your order!</p>'
+        "<p>Order 1001: 2 &times; Espresso cups, 24,00 &euro;</p>",
+        headers={
+            "X-Order-Id": "1001",
+            "List-Unsubscribe": "<https://shop.example/unsubscribe?u=42>",
+        },
+        attachments=(
+            Attachment("logo.png", "image/png", 66, "logo@shop.example", "inline", b64(PNG)),
+            Attachment("order-1001.pdf", "application/pdf", 59, None, "attachment", b64(PDF)),
+        ),
+    ),
     "empty.eml": message(),
 }
 
@@ -327,6 +351,17 @@ def test_html_only_inside_multipart_still_gets_a_text_rendering() -> None:
     assert [("application/pdf", 59)] == [(a.content_type, a.size_bytes) for a in parsed.attachments]
 
 
+def test_html_only_body_too_large_for_html2text_gets_its_tags_stripped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(parsing, "HTML2TEXT_MAX_CHARS", 10)
+    parsed = parse(b"Content-Type: text/html\r\n\r\n<p>Fish &amp; <b>chips</b></p>")
+    assert (
+        "Fish &  chips",
+        ("HTML body too large for html2text; text made by stripping tags",),
+    ) == (parsed.text, parsed.defects)
+
+
 def test_base64_with_bad_padding_is_decoded_and_flagged() -> None:
     raw = b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8\r\n"
     parsed = parse(raw)
@@ -359,6 +394,26 @@ def test_nested_message_sent_in_base64_is_decoded() -> None:
     assert (NESTED, "message/rfc822") == (
         base64.b64decode(attachment.data or ""),
         attachment.content_type,
+    )
+
+
+def test_nested_message_with_unsplittable_8bit_multipart_is_still_carried() -> None:
+    """The stdlib generator raises here; the bytes it cannot write come out as U+FFFD."""
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=m\r\n\r\n"
+        b"--m\r\nContent-Type: text/plain\r\n\r\nfwd\r\n"
+        b"--m\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Subject: inner\r\nContent-Type: multipart/mixed; boundary=never\r\n\r\ncaf\xc3\xa9\r\n"
+        b"--m--\r\n"
+    )
+    parsed = parse(raw)
+    expected = (
+        b"Subject: inner\r\nContent-Type: multipart/mixed; boundary=never\r\n\r\n"
+        + "caf\ufffd\ufffd\r\n".encode()
+    )
+    assert ((), [expected]) == (
+        parsed.defects,
+        [base64.b64decode(a.data or "") for a in parsed.attachments],
     )
 
 
