@@ -1,0 +1,172 @@
+"""Payload: the JSON document POSTed for one (message, route), and its stable id. Pure; no I/O.
+
+Trusts its inputs: a :class:`~mailbridge.parsing.Message` (already made safe by
+parsing), the SMTP envelope as the session accepted it, and the recipients that
+routing gave this route. Emits a plain ``dict`` (:func:`build`) and its compact
+UTF-8 JSON (:func:`encode`), described by ``schema/payload.schema.json`` (JSON
+Schema 2020-12, version :data:`SCHEMA_VERSION`).
+
+MailLaser's field names (``sender``, ``sender_name``, ``recipient``, ``subject``,
+``body``, ``html_body``, ``headers``, ``attachments``) keep their meaning, so its
+receivers work unchanged. A document names only its own route's envelope
+recipients (``recipient``, ``recipients``, ``tags``, ``envelope.rcpt_to``): one
+route never learns who else the message was for. ``to`` and ``cc`` are what
+the sender wrote in the headers.
+
+:func:`stable_id` is the same for the same envelope and bytes, so a message the
+sending MTA retries keeps its id and receivers can de-duplicate on it.
+
+Reads no settings. Known limit: attachments travel inline as base64 (up to the
+parsing cap), so one document can be tens of MiB.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mailbridge import routing
+from mailbridge.parsing import Attachment, Mailbox, Message
+
+SCHEMA_VERSION = 1
+ID_PREFIX = "msg_"
+_ID_DIGEST_BYTES = 20
+_ID_DOMAIN = b"mailbridge/stable_id/v1"
+
+
+@dataclass(frozen=True)
+class TlsInfo:
+    version: str  # e.g. 'TLSv1.3'
+    cipher: str
+
+
+@dataclass(frozen=True)
+class Envelope:
+    mail_from: str  # '' for the null sender <>
+    rcpt_to: tuple[str, ...]  # all accepted envelope recipients, as received
+    helo: str | None
+    client_ip: str | None
+    tls: TlsInfo | None
+
+
+def _frame(data: bytes) -> bytes:
+    return struct.pack(">Q", len(data)) + data
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # total and one-to-one, even for odd input
+
+
+def stable_id(envelope: Envelope, raw: bytes) -> str:
+    """``msg_`` + base32 of SHA-256 over the sender, the sorted recipients and the bytes."""
+    recipients = sorted(r.lower() for r in envelope.rcpt_to)
+    digest = hashlib.sha256(_ID_DOMAIN)
+    digest.update(_frame(_utf8(envelope.mail_from)))
+    digest.update(struct.pack(">Q", len(recipients)))
+    for recipient in recipients:
+        digest.update(_frame(_utf8(recipient)))
+    digest.update(struct.pack(">Q", len(raw)))
+    digest.update(raw)
+    encoded = base64.b32encode(digest.digest()[:_ID_DIGEST_BYTES]).decode("ascii")
+    return ID_PREFIX + encoded.rstrip("=").lower()
+
+
+def _timestamp(moment: datetime) -> str:
+    """ISO 8601 in UTC with ``Z``; a naive time is taken to be UTC already."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _mailboxes(mailboxes: Sequence[Mailbox]) -> list[dict[str, str]]:
+    return [{"name": m.name, "address": m.address} for m in mailboxes]
+
+
+def _attachment(attachment: Attachment) -> dict[str, Any]:
+    return {
+        "filename": attachment.filename,
+        "content_type": attachment.content_type,
+        "size_bytes": attachment.size_bytes,
+        "content_id": attachment.content_id,
+        "disposition": attachment.disposition,
+        "data": attachment.data,
+        "truncated": attachment.data is None,
+    }
+
+
+def _tags(recipients: Sequence[str]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for recipient in recipients:
+        parts = routing.split(recipient)
+        if parts is not None and parts.tag:
+            tags[recipient] = parts.tag
+    return tags
+
+
+def build(
+    *,
+    id: str,
+    message: Message,
+    envelope: Envelope,
+    route: str,
+    recipients: Sequence[str],
+    received_at: datetime,
+    size_bytes: int,
+) -> dict[str, Any]:
+    """The document for ``route``, which wants ``recipients`` (a subset of the envelope's)."""
+    recipients = list(recipients)
+    sender = message.sender
+    # No readable From: the envelope sender is the best we know.
+    sender_address = sender.address if sender and sender.address else envelope.mail_from
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "id": id,
+        "received_at": _timestamp(received_at),
+        "route": route,
+        "sender": sender_address,
+        "sender_name": sender.name if sender is not None else "",
+        "recipient": recipients[0] if recipients else "",
+        "recipients": recipients,
+        "tags": _tags(recipients),
+        "subject": message.subject,
+        "body": message.text,
+        "html_body": message.html,
+        "headers": dict(message.headers),
+        "attachments": [_attachment(a) for a in message.attachments],
+        "message_id": message.message_id,
+        "date": message.date,
+        "to": _mailboxes(message.to),
+        "cc": _mailboxes(message.cc),
+        "reply_to": _mailboxes(message.reply_to),
+        "size_bytes": size_bytes,
+        "envelope": {
+            "mail_from": envelope.mail_from,
+            "rcpt_to": list(recipients),
+            "helo": envelope.helo,
+            "client_ip": envelope.client_ip,
+            "tls": (
+                {"version": envelope.tls.version, "cipher": envelope.tls.cipher}
+                if envelope.tls is not None
+                else None
+            ),
+        },
+        "defects": list(message.defects),
+    }
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; lone surrogates (from odd envelope text) become U+FFFD."""
+    text = json.dumps(dict(payload), ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Surrogate pairs join; lone surrogates become U+FFFD. JSON stays valid:
+        # only characters inside string literals change.
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return fixed.encode("utf-8")
