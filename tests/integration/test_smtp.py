@@ -3,6 +3,7 @@ with a real webhook receiver that verifies every signature (standardwebhooks).""
 
 from __future__ import annotations
 
+import json
 import smtplib
 import socket
 import ssl
@@ -10,10 +11,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
 
 import aiosmtplib
+import jsonschema
 import pytest
 
+import mailbridge
 from mailbridge.delivery import signing
 from tests.conftest import require_tool
 from tests.support.bridge import BridgeThread, route
@@ -21,6 +25,9 @@ from tests.support.receiver import ReceiverThread, Reply, unused_port
 
 SECRET = signing.new_secret()
 OLD_SECRET = signing.new_secret()
+SCHEMA = json.loads(
+    (Path(mailbridge.__file__).parent / "schema" / "payload.schema.json").read_text()
+)
 
 
 def message(subject: str = "Hello", to: str = "billing@example.com", body: str = "Hi!") -> bytes:
@@ -73,6 +80,9 @@ class Raw:
 def receiver() -> Iterator[ReceiverThread]:
     with ReceiverThread(secrets=[SECRET]) as rx:
         yield rx
+        # Every payload any test produced is valid against the published schema.
+        for delivery in rx.deliveries:
+            jsonschema.Draft202012Validator(SCHEMA).validate(delivery.json)
 
 
 @pytest.fixture
@@ -597,3 +607,62 @@ def test_slow_webhook_beyond_the_sync_budget_answers_451(receiver: ReceiverThrea
         ):
             client.sendmail("a@b.test", ["x@y.test"], message())
     assert 451 == failed.value.smtp_code
+
+
+def test_total_sessions_are_capped_with_421(receiver: ReceiverThread) -> None:
+    with BridgeThread(routes=[route("r", ["*"], receiver.url)], smtp={"max_sessions": 2}) as bridge:
+        held = [Raw(bridge.smtp_port), Raw(bridge.smtp_port)]
+        extra = Raw(bridge.smtp_port)
+        try:
+            assert extra.greeting.startswith("421 4.7.0")
+            assert extra.closed()
+        finally:
+            for raw in [*held, extra]:
+                raw.close()
+        assert 1 == bridge.metric(
+            "mailbridge_smtp_connections_refused_total", reason="max_sessions"
+        )
+
+
+def test_a_message_line_over_the_limit_gets_500_and_the_session_goes_on(
+    receiver: ReceiverThread,
+) -> None:
+    with BridgeThread(
+        routes=[route("r", ["*"], receiver.url)], smtp={"max_line_length_bytes": 1000}
+    ) as bridge:
+        raw = Raw(bridge.smtp_port)
+        try:
+            raw.command("EHLO client.test")
+            raw.command("MAIL FROM:<a@b.test>")
+            raw.command("RCPT TO:<x@y.test>")
+            raw.command("DATA")
+            raw.send(b"Subject: long\r\n\r\n" + b"x" * 1001 + b"\r\n.\r\n")
+            assert raw.reply().startswith("500 5.5.2 Line too long")
+            assert raw.command("NOOP").startswith("250 2.0.0")
+        finally:
+            raw.close()
+    assert [] == receiver.deliveries
+
+
+def test_a_client_too_slow_to_finish_data_is_disconnected(receiver: ReceiverThread) -> None:
+    with BridgeThread(
+        routes=[route("r", ["*"], receiver.url)], smtp={"data_timeout_seconds": 0.5}
+    ) as bridge:
+        raw = Raw(bridge.smtp_port)
+        try:
+            raw.command("EHLO client.test")
+            raw.command("MAIL FROM:<a@b.test>")
+            raw.command("RCPT TO:<x@y.test>")
+            raw.command("DATA")
+            started = time.monotonic()
+            for _ in range(20):  # a trickle that keeps sending but never ends
+                try:
+                    raw.send(b"x")
+                except OSError:
+                    break
+                time.sleep(0.1)
+            assert raw.closed()
+            assert time.monotonic() - started < 5
+        finally:
+            raw.close()
+    assert [] == receiver.deliveries
