@@ -457,10 +457,16 @@ def test_groups_and_empty_addresses_give_no_mailboxes() -> None:
     assert (None, ()) == (parsed.sender, parsed.to)
 
 
-def test_a_structure_too_deep_to_parse_is_delivered_as_text() -> None:
+def test_a_structure_too_deep_to_parse_is_delivered_with_a_defect() -> None:
+    """Where the RecursionError strikes (in the stdlib parser, or later while writing
+    back the nested message) depends on how deep the caller's stack already is; both
+    paths deliver the message and name the problem, which is the promise."""
     raw = b"Content-Type: message/rfc822\r\n\r\n" * 2000 + b"hello"
     parsed = parse(raw)
-    assert ("unreadable MIME structure (RecursionError); body read as text",) == parsed.defects
+    assert parsed.defects in (
+        ("unreadable MIME structure (RecursionError); body read as text",),
+        ("unreadable nested message (RecursionError)",),
+    )
     assert 1 == len(parsed.attachments)
 
 
