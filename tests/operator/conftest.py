@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +26,10 @@ from crdschema import CrdSchema
 _SANDBOX = pathlib.Path(tempfile.mkdtemp(prefix="mailbridge-operator-tests-"))
 os.environ["KUBECONFIG"] = str(_SANDBOX / "no-cluster-kubeconfig")
 os.environ["KUBECACHEDIR"] = str(_SANDBOX / "kube-cache")
+
+import emulator  # noqa: E402  (only after KUBECONFIG points nowhere)
+
+from mailbridge_operator import rbac  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "charts" / "mailbridge" / "crds" / "mailbridges.mailbridge.io.yaml"
@@ -51,3 +56,41 @@ def example() -> dict[str, Any]:
     """The MailBridge of examples/mailbridge.yaml (a fresh copy per test)."""
     documents = list(yaml.safe_load_all(EXAMPLE_PATH.read_text(encoding="utf-8")))
     return next(d for d in documents if d["kind"] == "MailBridge")
+
+
+@pytest.fixture
+def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[emulator.Cluster]:
+    """An emulated Kubernetes API on 127.0.0.1 with the MailBridge CRD; KUBECONFIG points to it.
+
+    Reusable by any test that needs an API server (the Helm chart tests too): the handle
+    has ``kubeconfig``, ``url``, ``kubectl()``, ``get()``, ``wait_for()`` and ``emulator``.
+    """
+    with emulator.Cluster.start(tmp_path / "cluster") as handle:
+        monkeypatch.setenv("KUBECONFIG", str(handle.kubeconfig))
+        monkeypatch.setenv("KUBECACHEDIR", str(handle.directory / "kube-cache"))
+        handle.apply_file(CRD_PATH)
+        yield handle
+        errors = handle.server_errors()
+        assert [] == errors, f"the emulator failed while serving: {errors!r}"
+
+
+@pytest.fixture
+def operator(
+    cluster: emulator.Cluster, tmp_path: pathlib.Path
+) -> Iterator[emulator.OperatorProcess]:
+    """The real ``mailbridge-operator`` (a subprocess) watching the emulated cluster."""
+    process = emulator.OperatorProcess(cluster, tmp_path / "operator.log")
+    try:
+        process.wait_started()
+        yield process
+    finally:
+        code = process.stop()
+        print(f"--- operator log (exit {code}) ---\n{process.log(200)}")
+    assert 0 == code, "the operator did not stop cleanly on SIGTERM"
+    refused = sorted({
+        f"{r.verb} {r.api_group or 'core'}/{r.resource}" for r in cluster.requests()
+        if r.user_agent.startswith(("kopf/", "mailbridge-operator"))
+        and r.verb is not None and r.resource is not None
+        and not rbac.allows(r.api_group or "", r.resource, r.verb)
+    })
+    assert [] == refused, "the operator used permissions rbac.RULES does not grant"

@@ -1,0 +1,196 @@
+"""The kopf handlers: thin wiring from Kubernetes events to :func:`reconcile.reconcile`.
+
+- MailBridge create / update / resume: reconcile; ``TemporaryError`` (retry
+  later) while the pods are not ready or an apply failed. An invalid spec ends
+  the handler (the status and a Warning event say why): no retry loop, the
+  next edit of the spec runs it again.
+- Any MailBridge event whose ``metadata.generation`` differs from
+  ``status.observedGeneration`` reconciles at once: a spec edited while kopf
+  still waits to retry the previous change is not delayed.
+- A timer re-reconciles every MailBridge periodically (drift the watchers
+  missed, status freshness).
+- Children (ConfigMaps, Services, Deployments, StatefulSets,
+  PodDisruptionBudgets with ``app.kubernetes.io/managed-by=mailbridge-operator``)
+  and referenced Secrets: a change reconciles their MailBridge at once, so a
+  deleted or edited child is restored, a rotated Secret rolls the pods, and a
+  Deployment becoming ready shows in the status.
+
+Reconciliations of one MailBridge never overlap (one lock per uid), and
+bursts of child events collapse into one pass. Deletion needs no handler: the
+children carry owner references and the garbage collector removes them.
+kopf keeps its bookkeeping in ``mailbridge.io/`` annotations, so the status
+holds only what the CRD's schema describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from mailbridge_operator import kube, model, reconcile, render
+
+GROUP, VERSION, PLURAL = model.GROUP, model.VERSION, model.PLURAL
+MANAGED = {"app.kubernetes.io/managed-by": render.MANAGER}
+RESYNC_SECONDS = 60.0
+NOT_READY_RETRY_SECONDS = 15.0
+APPLY_RETRY_SECONDS = 30.0
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Keep kopf's state in annotations, post only warnings from logs, open the API client."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    memo.setdefault("api", kube.Api(settings))
+    memo.setdefault("locks", {})
+    memo.setdefault("pending", set())
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account in a cluster, else ``$KUBECONFIG``."""
+    return kube.login(settings)
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    api = memo.get("api")
+    if api is not None:
+        await api.close()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def reconcile_mailbridge(
+    body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    outcome = await _reconcile_locked(memo, body, logger)
+    if outcome is None or outcome.invalid:
+        return
+    if outcome.apply_error:
+        raise kopf.TemporaryError(outcome.apply_error, delay=APPLY_RETRY_SECONDS)
+    if not outcome.settled:
+        raise kopf.TemporaryError(
+            f"waiting for the bridges: {outcome.waiting_for}", delay=NOT_READY_RETRY_SECONDS
+        )
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def spec_changed(
+    type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """Act on a new generation at once, even while kopf retries a handler for an old one."""
+    if type in (None, "DELETED") or body.metadata.get("deletionTimestamp"):
+        return
+    if body.status.get("observedGeneration") == body.metadata.get("generation"):
+        return
+    await _reconcile_by_name(memo, body.metadata.namespace or "", body.metadata.name or "",
+                             logger, uid=body.metadata.uid)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    await _reconcile_locked(memo, body, logger)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def secret_users(
+    namespace: str, name: str, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str, str], str]:
+    """(namespace, Secret name) → the MailBridges that read that Secret."""
+    return {(namespace, secret): name for secret in _secret_names(spec)}
+
+
+@kopf.on.event("", "v1", "secrets")
+async def secret_changed(
+    type: str | None,
+    namespace: str,
+    name: str,
+    secret_users: kopf.Index[tuple[str, str], str],
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    if type is None:  # the initial listing: resume handles existing objects
+        return
+    for owner in sorted(set(secret_users.get((namespace, name), []))):
+        logger.info(f"Secret {name} changed: reconciling MailBridge {owner}.")
+        await _reconcile_by_name(memo, namespace, owner, logger)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+async def child_changed(
+    type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    if type is None:
+        return
+    for ref in body.metadata.get("ownerReferences", []):
+        if ref.get("kind") == model.KIND and str(ref.get("apiVersion", "")).startswith(GROUP):
+            await _reconcile_by_name(memo, body.metadata.namespace or "", ref["name"], logger,
+                                     uid=ref.get("uid"))
+
+
+async def _reconcile_by_name(
+    memo: kopf.Memo, namespace: str, name: str, logger: kopf.Logger, *, uid: str | None = None
+) -> None:
+    api: kube.Api = memo.api
+    key = (namespace, name)
+    if key in memo.pending:  # a pass is already queued; it will see this change too
+        return
+    memo.pending.add(key)
+    try:
+        async with _lock(memo, key):
+            memo.pending.discard(key)
+            owner = await api.get(model.API_VERSION, model.KIND, namespace, name)
+            if owner is None or owner["metadata"].get("deletionTimestamp"):
+                return
+            if uid is not None and owner["metadata"].get("uid") != uid:
+                return  # a new MailBridge of the same name; the old child is garbage
+            await reconcile.reconcile(api, owner, logger=logger)
+    finally:
+        memo.pending.discard(key)
+
+
+async def _reconcile_locked(
+    memo: kopf.Memo, body: kopf.Body, logger: kopf.Logger
+) -> reconcile.Outcome | None:
+    key = (body.metadata.namespace or "", body.metadata.name or "")
+    async with _lock(memo, key):
+        # Read the latest state: a watcher may have written the status meanwhile.
+        fresh = await memo.api.get(model.API_VERSION, model.KIND, key[0], key[1])
+        if fresh is None or fresh["metadata"].get("uid") != body.metadata.uid:
+            return None
+        return await reconcile.reconcile(memo.api, fresh, logger=logger)
+
+
+def _lock(memo: kopf.Memo, key: tuple[str, str]) -> asyncio.Lock:
+    locks: dict[tuple[str, str], asyncio.Lock] = memo.locks
+    return locks.setdefault(key, asyncio.Lock())
+
+
+def _secret_names(spec: Mapping[str, Any]) -> set[str]:
+    """Referenced Secrets, read leniently (an invalid spec still names its Secrets)."""
+    names: set[str] = set()
+    for route in spec.get("routes") or []:
+        webhook = (route or {}).get("webhook") or {}
+        refs = [
+            webhook.get("signingSecretRef"),
+            *(webhook.get("additionalSigningSecretRefs") or []),
+        ]
+        names.update(ref["name"] for ref in refs if isinstance(ref, Mapping) and ref.get("name"))
+    secret_name = (spec.get("tls") or {}).get("secretName")
+    if secret_name:
+        names.add(secret_name)
+    return names
