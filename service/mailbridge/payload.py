@@ -77,6 +77,17 @@ def stable_id(envelope: Envelope, raw: bytes) -> str:
     return ID_PREFIX + encoded.rstrip("=").lower()
 
 
+def delivery_id(message_id: str, route: str) -> str:
+    """The id of one (message, route) delivery: the payload's ``id`` and ``webhook-id``.
+
+    Per route, so a receiver behind two routes de-duplicates retries without
+    dropping the other route's delivery; prefixed by the message's id (the one
+    named in the 250 reply and the logs), so both can be correlated. Route names
+    cannot contain ``.``.
+    """
+    return f"{message_id}.{route}"
+
+
 def _timestamp(moment: datetime) -> str:
     """ISO 8601 in UTC with ``Z``; a naive time is taken to be UTC already."""
     if moment.tzinfo is None:
@@ -119,14 +130,17 @@ def build(
     received_at: datetime,
     size_bytes: int,
 ) -> dict[str, Any]:
-    """The document for ``route``, which wants ``recipients`` (a subset of the envelope's)."""
+    """The document for ``route``, which wants ``recipients`` (a subset of the envelope's).
+
+    ``id`` is the message's id; the document's ``id`` is :func:`delivery_id` of it.
+    """
     recipients = list(recipients)
     sender = message.sender
     # No readable From: the envelope sender is the best we know.
     sender_address = sender.address if sender and sender.address else envelope.mail_from
     return {
         "schema_version": SCHEMA_VERSION,
-        "id": id,
+        "id": delivery_id(id, route),
         "received_at": _timestamp(received_at),
         "route": route,
         "sender": sender_address,

@@ -180,7 +180,7 @@ async def test_503_then_200_is_delivered_on_attempt_two_with_the_same_id(
     assert result.outcome == "delivered"
     assert fake.sleeps == [0.25]  # full jitter: 0.5 (draw) x 0.5 s (first cap)
     first, second = await rx.wait_for(2)
-    assert first.webhook_id == second.webhook_id == "msg_s"
+    assert first.webhook_id == second.webhook_id == "msg_s.billing"
     assert first.body == second.body
     assert first.verified and second.verified
     assert attempts(metrics, "billing", "retry", "5xx") == 1
@@ -209,7 +209,12 @@ async def test_one_route_failing_makes_the_message_temporary(
     assert result == Result("temporary", "route support: HTTP 503 (attempt 3)")
     paths = [d.path for d in await rx.wait_for(4)]
     assert sorted(paths) == ["/billing", "/support", "/support", "/support"]
-    assert {d.webhook_id for d in rx.deliveries} == {"msg_s"}
+    # Each route has its own id (a receiver behind both de-duplicates neither away),
+    # and every retry of a route repeats its id.
+    assert {d.path: d.webhook_id for d in rx.deliveries} == {
+        "/billing": "msg_s.billing",
+        "/support": "msg_s.support",
+    }
 
 
 async def test_retry_after_is_honoured_on_a_fake_clock(

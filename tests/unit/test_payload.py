@@ -97,7 +97,7 @@ def test_golden_payload_of_a_realistic_message() -> None:
     )
     expected = {
         "schema_version": 1,
-        "id": stable_id(ENVELOPE, raw),
+        "id": stable_id(ENVELOPE, raw) + ".orders",
         "received_at": "2024-04-10T10:00:03.250Z",
         "route": "orders",
         "sender": "orders@shop.example",
@@ -390,3 +390,10 @@ def test_documents_from_arbitrary_bytes_validate(raw: bytes) -> None:
 
 def test_schema_version_constant_matches_the_schema() -> None:
     assert SCHEMA["properties"]["schema_version"]["const"] == payload.SCHEMA_VERSION
+
+
+def test_delivery_ids_differ_per_route_and_keep_the_message_id() -> None:
+    from mailbridge.payload import delivery_id
+
+    assert "msg_abc.billing" == delivery_id("msg_abc", "billing")
+    assert delivery_id("msg_abc", "billing") != delivery_id("msg_abc", "support")

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from mailbridge import payload
 from mailbridge.delivery import retry
 from mailbridge.delivery.webhook import Attempt, Target, WebhookClient
 from mailbridge.observability.metrics import Metrics
@@ -102,7 +103,11 @@ class SyncDelivery:
         accepted_monotonic: float,
         extra_headers: Mapping[str, str] | None = None,
     ) -> Result:
-        """POST ``bodies[route]`` to each route's webhook; never longer than the budget."""
+        """POST ``bodies[route]`` to each route's webhook; never longer than the budget.
+
+        ``webhook_id`` is the message's id; each route's request carries
+        ``payload.delivery_id(webhook_id, route)``, the id inside its body.
+        """
         if not bodies:
             return Result("delivered", "no routes")
         deadline = self._monotonic() + self._budget
@@ -160,7 +165,9 @@ class SyncDelivery:
             return
         for number in range(1, self._attempts + 1):
             fate.attempts = number
-            attempt = await self._client.post(target, webhook_id, body, extra_headers=extra_headers)
+            attempt = await self._client.post(
+                target, payload.delivery_id(webhook_id, route), body, extra_headers=extra_headers
+            )
             fate.detail = _describe(attempt, number)
             if attempt.outcome == "delivered":
                 latency = max(0.0, self._monotonic() - accepted_monotonic)
