@@ -6,7 +6,8 @@ What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
   greeting and the EHLO/HELO reply, including aiosmtpd's own replies;
 * an internal error answers ``451 4.3.0`` (a retry), never aiosmtpd's ``500``
   with the exception text (a bounce that leaks internals);
-* STARTTLS inside TLS is refused (``503 5.5.1``) instead of nesting TLS;
+* STARTTLS inside TLS is refused (``503 5.5.1``) instead of nesting TLS; a failed
+  handshake is the client's problem (logged at info, connection closed), not ours;
 * DATA is read in large chunks by :mod:`mailbridge.smtp.data` with a deadline
   for the whole transfer (``data_timeout_seconds``);
 * admission: total and per-client-IP session caps (``421 4.7.0`` and close),
@@ -24,7 +25,7 @@ import re
 import ssl
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 from opentelemetry import trace
 from opentelemetry.semconv.attributes import network_attributes
 
@@ -189,6 +190,15 @@ class Session(SMTP):
             self.transport.close()
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client's handshake failed (garbage, an old version, a scanner):
+            # not our error. aiosmtpd closes the connection without a reply.
+            cause = error.__cause__
+            log.info(
+                "TLS handshake failed",
+                extra={"error": type(cause).__name__ if cause else "unknown"},
+            )
+            return "454 4.7.0 TLS handshake failed"
         log.error("internal error in SMTP session", exc_info=error)
         self.metrics.reject("temp_failure")
         return TEMPORARY_ERROR
