@@ -44,6 +44,8 @@ from pydantic_settings import (
 )
 
 MiB = 1024 * 1024
+#: Where the operator mounts the spool volume in bridge pods.
+DEFAULT_SPOOL_DIRECTORY = "/var/spool/mailbridge"
 DEFAULT_ROUTE = "default"
 ROUTE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 PRIVATE_NETWORKS = (
@@ -213,9 +215,12 @@ class RouteSettings(_Group):
 class DeliverySettings(_Group):
     """Delivery to webhooks: mode, retries, breaker."""
 
-    mode: Literal["sync", "spool"] = Field(
-        "sync",
-        description="sync: 250 only after every webhook said 2xx. spool: 250 once on disk.",
+    mode: Literal["sync", "spool"] | None = Field(
+        None,
+        description=(
+            "sync: 250 only after every webhook said 2xx. spool: 250 once on disk (fsync), "
+            "delivered later. Unset: spool when spool.directory exists and is writable, else sync."
+        ),
     )
     sync_attempts: int = Field(
         3, ge=1, le=10, description="Attempts per route inside one DATA reply (sync mode)."
@@ -223,8 +228,12 @@ class DeliverySettings(_Group):
     sync_budget_seconds: float = Field(
         60, gt=0, description="Longest a DATA reply waits for the webhooks (sync mode)."
     )
-    retry_initial_seconds: float = Field(0.5, gt=0, description="First retry delay (backoff base).")
-    retry_max_seconds: float = Field(600, gt=0, description="Longest delay between retries.")
+    retry_initial_seconds: float = Field(
+        0.5, gt=0, description="First retry delay (backoff base), in both modes."
+    )
+    retry_max_seconds: float = Field(
+        600, gt=0, description="Longest delay between retries (full jitter below it)."
+    )
     permanent_statuses: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [400, 410, 413, 415, 422],
         description=(
@@ -252,6 +261,50 @@ class DeliverySettings(_Group):
             if not 400 <= status <= 499 or status in (408, 429):
                 raise ValueError(f"{status} cannot be permanent (only 4xx other than 408/429)")
         return value
+
+
+class SpoolSettings(_Group):
+    """The durable spool (delivery mode ``spool``): where, how big, how long, how many workers."""
+
+    directory: Path = Field(
+        Path(DEFAULT_SPOOL_DIRECTORY),
+        description="Spool directory (a persistent volume in Kubernetes); one bridge per spool.",
+    )
+    max_bytes: int = Field(
+        1024 * MiB,
+        ge=MiB,
+        description="Spool size limit incl. dead letters; above it new mail gets 452 4.3.1.",
+    )
+    max_messages: int = Field(
+        100_000,
+        ge=1,
+        description="Spooled messages limit incl. dead letters; above it new mail gets 452 4.3.1.",
+    )
+    max_age_seconds: float = Field(
+        5 * 24 * 3600,
+        gt=0,
+        description=(
+            "A route still failing this long after acceptance becomes a dead letter "
+            "(only after a real attempt failed; an open circuit never expires mail)."
+        ),
+    )
+    delivery_workers: int = Field(
+        32, ge=1, le=10_000, description="Messages delivered concurrently from the spool."
+    )
+    shutdown_grace_seconds: float = Field(
+        10,
+        ge=0,
+        description=(
+            "On SIGTERM, time given to webhook attempts in flight; the rest stays spooled."
+        ),
+    )
+    fsync: bool = Field(
+        True,
+        description=(
+            "UNSAFE when false (tests and benchmarks only): skip fsync, so a crash or power "
+            "loss can lose mail that was answered 250."
+        ),
+    )
 
 
 class ParsingSettings(_Group):
@@ -326,6 +379,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)  # type: ignore[arg-type]
     tls: TlsSettings = Field(default_factory=TlsSettings)  # type: ignore[arg-type]
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)  # type: ignore[arg-type]
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)  # type: ignore[arg-type]
     parsing: ParsingSettings = Field(default_factory=ParsingSettings)  # type: ignore[arg-type]
     http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
     demo: DemoSettings = Field(default_factory=DemoSettings)  # type: ignore[arg-type]
@@ -367,6 +421,13 @@ class Settings(BaseSettings):
             raise ValueError(f"route names must be unique, repeated: {', '.join(duplicates)}")
         return self
 
+    @model_validator(mode="after")
+    def _resolve_delivery_mode(self) -> Settings:
+        # Only an unset mode looks at the disk: an explicit one (the operator's) never does.
+        if self.delivery.mode is None:
+            self.delivery.mode = "spool" if spool_directory_usable(self.spool.directory) else "sync"
+        return self
+
     @property
     def demo_mode(self) -> bool:
         """No route configured: run the local demo."""
@@ -386,6 +447,11 @@ class Settings(BaseSettings):
         if path:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+
+def spool_directory_usable(directory: Path) -> bool:
+    """Whether ``directory`` exists and this process may write in it (the default-mode test)."""
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
 
 
 def load(**overrides: Any) -> Settings:

@@ -1,12 +1,25 @@
-"""From an accepted message to its SMTP reply, in sync mode.
+"""From an accepted message to its SMTP reply: sync mode, or spool mode.
 
-routing (which routes, which recipients) → parsing (MIME → :class:`Message`) →
-payload (one JSON document per route) → delivery (every route's webhook) →
-the reply: ``250`` only when every route's webhook answered 2xx.
+Sync (:class:`SyncPipeline`): routing (which routes, which recipients) →
+parsing (MIME → :class:`Message`) → payload (one JSON document per route) →
+delivery (every route's webhook) → the reply: ``250`` only when every route's
+webhook answered 2xx.
 
-This is the one place ingress and delivery meet in sync mode (the spool is the
-other). Parsing a large message runs in a worker thread so the event loop keeps
-serving other sessions.
+Spool (:class:`SpoolPipeline`): routing → the spool (raw message, envelope,
+routes, the stable id, the trace context of the ``receive message`` span) →
+``250`` only once the spool says the file is written, synced and renamed into
+queue/ with the directory synced. ``452 4.3.1`` when the spool is full (also at
+MAIL: :class:`SpoolHandler`), ``451 4.3.0`` when the disk refuses. Parsing
+happens at delivery (:func:`spooled_bodies`, called by the worker), so a
+parser change never touches what was accepted.
+
+The id is :func:`payload.stable_id` in both modes, computed once at acceptance
+and stored: every attempt, redelivery and restart sends the same
+``webhook-id``, and a message the sending MTA sends again (our 250 lost on the
+way) gets the same id too, so receivers de-duplicate it.
+
+These are the places ingress and delivery meet. Parsing a large message runs
+in a worker thread so the event loop keeps serving other sessions.
 """
 
 from __future__ import annotations
@@ -14,13 +27,22 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session as SmtpSession
 
 from mailbridge import parsing, payload, routing
 from mailbridge.config import ParsingSettings
 from mailbridge.delivery.sync import SyncDelivery
 from mailbridge.observability import tracing
 from mailbridge.payload import Envelope
+from mailbridge.smtp.handler import Handler
+from mailbridge.smtp.session import Session
+from mailbridge.spool import queue, record
+from mailbridge.spool.commit import WriteFailed
 
 log = logging.getLogger("mailbridge.pipeline")
 
@@ -36,6 +58,20 @@ def build_bodies(
     received_at: datetime.datetime,
 ) -> tuple[str, dict[str, bytes]]:
     """The stable id and one encoded payload per route that wants the message."""
+    webhook_id = payload.stable_id(envelope, raw)
+    wanted = routing.fan_out(routes, envelope.rcpt_to)
+    return webhook_id, encode_bodies(settings, webhook_id, envelope, raw, received_at, wanted)
+
+
+def encode_bodies(
+    settings: ParsingSettings,
+    webhook_id: str,
+    envelope: Envelope,
+    raw: bytes,
+    received_at: datetime.datetime,
+    routes: Mapping[str, Sequence[str]],
+) -> dict[str, bytes]:
+    """Parse ``raw`` once; one encoded payload per route (name → its recipients)."""
     with tracing.tracer().start_as_current_span("parse message") as span:
         message = parsing.parse(
             raw,
@@ -44,8 +80,7 @@ def build_bodies(
         )
         span.set_attribute("mailbridge.message.defects", len(message.defects))
         span.set_attribute("mailbridge.message.attachments", len(message.attachments))
-    webhook_id = payload.stable_id(envelope, raw)
-    bodies = {
+    return {
         route: payload.encode(
             payload.build(
                 id=webhook_id,
@@ -57,9 +92,17 @@ def build_bodies(
                 size_bytes=len(raw),
             )
         )
-        for route, recipients in routing.fan_out(routes, envelope.rcpt_to).items()
+        for route, recipients in routes.items()
     }
-    return webhook_id, bodies
+
+
+def spooled_bodies(
+    settings: ParsingSettings, header: record.Header, raw: bytes, routes: Sequence[str]
+) -> dict[str, bytes]:
+    """The payloads of a spooled message for ``routes``: same id and time on every attempt."""
+    received_at = datetime.datetime.fromtimestamp(header.received_at, datetime.UTC)
+    wanted = {route: header.routes[route] for route in routes}
+    return encode_bodies(settings, header.webhook_id, header.envelope, raw, received_at, wanted)
 
 
 class SyncPipeline:
@@ -97,3 +140,66 @@ class SyncPipeline:
             f"451 4.3.0 The webhook could not take the message now ({result.detail}); "
             "try again later"
         )
+
+
+FULL_REPLY = "452 4.3.1 Insufficient system storage: the spool is full; try again later"
+DISK_REPLY = "451 4.3.0 Temporary local problem: cannot write to the spool; try again later"
+
+
+class SpoolPipeline:
+    """Keep the message safe on disk, then answer; the worker delivers it later."""
+
+    def __init__(
+        self,
+        routes: Sequence[routing.Route],
+        spool: queue.Spool,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.routes = routes
+        self.spool = spool
+        self.clock = clock
+
+    async def __call__(self, envelope: Envelope, raw: bytes, *, received_monotonic: float) -> str:
+        wanted = routing.fan_out(self.routes, envelope.rcpt_to)
+        webhook_id = payload.stable_id(envelope, raw)
+        try:
+            entry = await self.spool.accept(
+                envelope=envelope,
+                raw=raw,
+                routes={route: tuple(rcpts) for route, rcpts in wanted.items()},
+                webhook_id=webhook_id,
+                received_at=self.clock(),
+                # Inside the handler's "receive message" span: delivery spans link to it.
+                carrier=tracing.carrier(),
+            )
+        except queue.Full:
+            return FULL_REPLY
+        except WriteFailed:
+            return DISK_REPLY
+        log.info(
+            "message spooled",
+            extra={"message_id": webhook_id, "queue_id": entry.queue_id, "routes": sorted(wanted)},
+        )
+        return f"250 2.0.0 Ok: queued as {webhook_id}"
+
+
+class SpoolHandler(Handler):
+    """The SMTP handler, plus: refuse a transaction at MAIL while the spool is full."""
+
+    def __init__(self, *args: Any, spool: queue.Spool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spool = spool
+
+    async def handle_MAIL(
+        self,
+        server: Session,
+        session: SmtpSession,
+        envelope: SmtpEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if not self.spool.has_room():
+            self.metrics.reject("spool_full")
+            return FULL_REPLY
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)

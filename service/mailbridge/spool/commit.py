@@ -1,0 +1,182 @@
+"""Group commit: many sessions' messages made durable with shared syncs.
+
+A session calls :meth:`Committer.commit` and waits. One committer task takes
+everything pending as a batch and, in a thread: writes each message to
+``tmp/<queue id>`` and ``fdatasync``\\ s them (in parallel, so the file system
+folds the syncs into few journal commits), renames each into ``queue/``, and
+``fsync``\\ s ``queue/`` once for the whole batch. Only then are the sessions'
+waits answered, and only then do they reply ``250``. While one batch syncs the
+next one gathers, so under load the cost of a sync round is shared by every
+message that arrived meanwhile.
+
+A message whose write fails gets :class:`WriteFailed` (with the ``OSError``);
+the others in the batch are unaffected, except when the final directory sync
+fails: then the whole batch fails (its files are removed again, best effort).
+
+Test-only fault hook: ``MAILBRIDGE_TEST_SPOOL_CRASH=<point>:<n>`` makes the
+process ``os._exit(137)`` (as if killed) the ``n``-th time it reaches ``point``:
+``written`` (before fsync), ``synced`` (before rename), ``renamed`` (before the
+directory fsync) or ``committed`` (before anyone is answered). Read when the
+committer is built; never set it in production.
+
+Emits nothing; :mod:`mailbridge.spool.queue` counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from mailbridge.spool import record
+from mailbridge.spool.store import QUEUE, TMP, Store, fsync_dir, write_file
+
+log = logging.getLogger("mailbridge.spool")
+
+CRASH_ENV = "MAILBRIDGE_TEST_SPOOL_CRASH"
+CRASH_POINTS = ("written", "synced", "renamed", "committed")
+#: Most messages in one sync round.
+MAX_BATCH = 512
+#: Threads writing and syncing one batch's files in parallel.
+SYNC_THREADS = 8
+
+
+class WriteFailed(Exception):
+    """The message could not be made durable; ``error`` is the cause."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+@dataclass
+class _Pending:
+    header: record.Header
+    raw: bytes
+    future: asyncio.Future[int]
+    error: OSError | None = None
+    size: int = 0
+
+
+class _CrashHook:
+    def __init__(self, spec: str | None) -> None:
+        self.point, self.left = "", 0
+        if spec:
+            point, _, count = spec.partition(":")
+            if point not in CRASH_POINTS:
+                raise ValueError(f"{CRASH_ENV}: point must be one of {', '.join(CRASH_POINTS)}")
+            self.point, self.left = point, int(count or "1")
+
+    def reached(self, point: str) -> None:
+        if point != self.point:
+            return
+        self.left -= 1
+        if self.left <= 0:
+            os._exit(137)
+
+
+class Committer:
+    """Makes accepted messages durable in batches; run :meth:`run` as a task."""
+
+    def __init__(
+        self, store: Store, *, fsync: bool, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._store = store
+        self._fsync = fsync
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="spool-sync")
+        self._crash = _CrashHook((os.environ if environ is None else environ).get(CRASH_ENV))
+        #: Sync rounds done and messages committed (the benchmark reads these).
+        self.batches = 0
+        self.committed = 0
+
+    async def commit(self, header: record.Header, raw: bytes) -> int:
+        """Write, sync and queue one message; returns its file size. :class:`WriteFailed`."""
+        if self._closing:
+            raise WriteFailed(OSError(0, "spool closing"))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(header, raw, future))
+        self._wake.set()
+        return await future
+
+    async def run(self) -> None:
+        """Commit batches until :meth:`close`; every waiter gets an answer."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                try:
+                    await asyncio.shield(asyncio.to_thread(self._write_batch, batch))
+                except Exception as error:  # never leave a session waiting
+                    log.exception("spool commit failed")
+                    failure = error if isinstance(error, OSError) else OSError(0, str(error))
+                    for item in batch:
+                        item.error = item.error or failure
+                self.batches += 1
+                for item in batch:
+                    if item.future.done():
+                        continue
+                    if item.error is not None:
+                        item.future.set_exception(WriteFailed(item.error))
+                    else:
+                        self.committed += 1
+                        item.future.set_result(item.size)
+            if self._closing and not self._pending:
+                return
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # --- in the thread ----------------------------------------------------------
+
+    def _write_one(self, item: _Pending) -> None:
+        path = self._store.path(TMP, item.header.queue_id)
+        try:
+            item.size = write_file(
+                path,
+                record.encode(item.header, item.raw),
+                fsync=self._fsync,
+                before_sync=lambda: self._crash.reached("written"),
+            )
+        except OSError as error:
+            item.error = error
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        if len(batch) == 1:
+            self._write_one(batch[0])
+        else:
+            list(self._pool.map(self._write_one, batch))
+        self._crash.reached("synced")
+        renamed = []
+        for item in batch:
+            if item.error is not None:
+                continue
+            queue_id = item.header.queue_id
+            try:
+                self._store.path(TMP, queue_id).rename(self._store.path(QUEUE, queue_id))
+            except OSError as error:
+                item.error = error
+                continue
+            renamed.append(item)
+        self._crash.reached("renamed")
+        if renamed and self._fsync:
+            try:
+                fsync_dir(self._store.path(QUEUE))
+            except OSError as error:
+                for item in renamed:
+                    item.error = error
+                    with contextlib.suppress(OSError):
+                        self._store.path(QUEUE, item.header.queue_id).unlink()
+        if renamed:
+            self._crash.reached("committed")

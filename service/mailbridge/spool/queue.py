@@ -1,0 +1,375 @@
+"""The running bridge's view of its spool: index, limits, schedule, upkeep, metrics.
+
+:class:`Spool` is what the rest of the bridge talks to. Ingress calls
+:meth:`Spool.has_room` (at MAIL) and :meth:`Spool.accept` (at the end of DATA:
+returns only once the message is durable). The delivery worker takes due
+entries (:meth:`Spool.pop_due`) and reports their fate with :meth:`Spool.claim`,
+:meth:`Spool.defer`, :meth:`Spool.bury`, :meth:`Spool.finish`.
+
+It keeps, in memory, every message in queue/, active/ and dead/ (no payloads,
+except the raw bytes of fresh messages while they fit in :data:`RAW_CACHE_BYTES`)
+and a heap of due times. Upkeep (:meth:`Spool.maintain`, a task): every second
+it takes manual retries from incoming/; every :data:`RECONCILE_SECONDS` it
+drops entries whose files a ``mailbridge spool purge`` removed; every
+:data:`PROBE_SECONDS` it proves the directory writable (a write + sync + unlink)
+for ``/readyz``.
+
+Limits: ``spool.max_messages`` and ``spool.max_bytes`` count every message in
+the spool, dead letters included, plus the messages being written now.
+
+Emits ``mailbridge_spool_messages{state}``, ``mailbridge_spool_size_bytes``,
+``mailbridge_spool_oldest_message_age_seconds`` (computed at scrape time),
+``mailbridge_spool_corrupt_files_total`` and the spool limit gauges.
+Reads the ``spool`` settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from mailbridge.config import SpoolSettings
+from mailbridge.observability.metrics import Metrics
+from mailbridge.payload import Envelope
+from mailbridge.spool import record
+from mailbridge.spool.commit import Committer, WriteFailed
+from mailbridge.spool.store import (
+    ACTIVE,
+    DEAD,
+    INCOMING,
+    QUEUE,
+    Entry,
+    Store,
+    is_disk_full,
+    new_queue_id,
+)
+
+log = logging.getLogger("mailbridge.spool")
+
+#: Raw bytes of fresh messages kept in memory for their first delivery.
+RAW_CACHE_BYTES = 64 * 1024 * 1024
+#: How often manual retries (incoming/) are picked up.
+INCOMING_SECONDS = 1.0
+#: How often the index is checked against the directories (purged files).
+RECONCILE_SECONDS = 10.0
+#: How often the directory is proven writable.
+PROBE_SECONDS = 5.0
+#: Rough bytes of a spool file beyond the raw message (header, end marker).
+OVERHEAD_BYTES = 1024
+
+
+class Full(Exception):
+    """No room: the spool is at ``max_messages`` or ``max_bytes`` (or the disk is full)."""
+
+
+class Spool:
+    """The spool of the running bridge; build, then :meth:`open` inside the event loop."""
+
+    def __init__(
+        self,
+        settings: SpoolSettings,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.store = Store(Path(settings.directory), clock=clock)
+        self._environ = environ
+        self.committer: Committer | None = None
+        self.entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._due_seq: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._bytes = 0
+        self._reserved_messages = 0
+        self._reserved_bytes = 0
+        self._cached_raw_bytes = 0
+        #: Set whenever something became due earlier than before (the worker waits on it).
+        self.changed = asyncio.Event()
+        #: False after a failed write until a write succeeds again (``/readyz``).
+        self.writable = True
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Lock the directory, recover what a previous run left, start the committer."""
+        await asyncio.to_thread(self.store.lock)
+        found = await asyncio.to_thread(self.store.recover)
+        for entry in found.entries:
+            self._add(entry)
+        if found.corrupt:
+            self.metrics.spool_corrupt.inc(len(found.corrupt))
+        self.committer = Committer(self.store, fsync=self.settings.fsync, environ=self._environ)
+        self._tasks = [asyncio.create_task(self.committer.run(), name="spool-commit")]
+        self._publish()
+        log.info(
+            "spool opened",
+            extra={
+                "directory": str(self.store.root),
+                "messages": len(self.entries),
+                "dead": sum(1 for e in self.entries.values() if e.where == DEAD),
+                "returned_from_active": found.returned_from_active,
+                "retried": found.retried,
+                "corrupt": len(found.corrupt),
+                "fsync": self.settings.fsync,
+            },
+        )
+
+    async def close(self) -> None:
+        """Finish commits in progress, stop the committer, release the lock."""
+        if self.committer is not None:
+            await self.committer.close()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.committer is not None:
+            await asyncio.to_thread(self.committer.shutdown)
+        self.store.unlock()
+
+    def _publish(self) -> None:
+        m = self.metrics
+        m.limit_spool_size.set(self.settings.max_bytes)
+        m.limit_spool_messages.set(self.settings.max_messages)
+        for state in ("queued", "deferred", "inflight", "dead"):
+            m.spool_messages.labels(state).set_function(lambda s=state: self.count(s))
+        m.spool_size.set_function(lambda: float(self._bytes))
+        m.spool_oldest_age.set_function(self.oldest_age)
+
+    # --- what is in it ------------------------------------------------------------
+
+    def count(self, state: str) -> float:
+        now = self.clock()
+        total = 0
+        for entry in self.entries.values():
+            if state == "dead":
+                total += entry.where == DEAD
+            elif state == "inflight":
+                total += entry.where == ACTIVE
+            elif entry.where == QUEUE:
+                due = entry.due_at
+                total += (due <= now) if state == "queued" else (due > now)
+        return float(total)
+
+    def oldest_age(self) -> float:
+        waiting = [e.header.received_at for e in self.entries.values() if e.where != DEAD]
+        return max(0.0, self.clock() - min(waiting)) if waiting else 0.0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def has_room(self, size_bytes: int = 0) -> bool:
+        messages = len(self.entries) + self._reserved_messages + 1
+        size = self._bytes + self._reserved_bytes + size_bytes + OVERHEAD_BYTES
+        return messages <= self.settings.max_messages and size <= self.settings.max_bytes
+
+    # --- ingress --------------------------------------------------------------------
+
+    async def accept(
+        self,
+        *,
+        envelope: Envelope,
+        raw: bytes,
+        routes: Mapping[str, tuple[str, ...]],
+        webhook_id: str,
+        received_at: float,
+        carrier: Mapping[str, str],
+    ) -> Entry:
+        """Make the message durable and queue it. :class:`Full` or :class:`WriteFailed`."""
+        assert self.committer is not None, "spool not open"
+        if not self.has_room(len(raw)):
+            raise Full("spool full")
+        header = record.Header(
+            queue_id=new_queue_id(received_at),
+            webhook_id=webhook_id,
+            received_at=received_at,
+            envelope=envelope,
+            routes=dict(routes),
+            carrier=dict(carrier),
+            size_bytes=len(raw),
+        )
+        self._reserved_messages += 1
+        self._reserved_bytes += len(raw) + OVERHEAD_BYTES
+        try:
+            size = await self.committer.commit(header, raw)
+        except WriteFailed as failed:
+            self.writable = False
+            log.error("spool write failed", extra={"error": str(failed)})
+            if is_disk_full(failed.error):
+                raise Full(str(failed)) from None
+            raise
+        finally:
+            self._reserved_messages -= 1
+            self._reserved_bytes -= len(raw) + OVERHEAD_BYTES
+        self.writable = True
+        entry = Entry(header, record.State.initial(header), QUEUE, size)
+        if self._cached_raw_bytes + len(raw) <= RAW_CACHE_BYTES:
+            entry.raw = raw
+            self._cached_raw_bytes += len(raw)
+        self._add(entry)
+        return entry
+
+    # --- schedule -----------------------------------------------------------------------
+
+    def _add(self, entry: Entry) -> None:
+        old = self.entries.get(entry.queue_id)
+        if old is not None:
+            self._bytes -= old.file_bytes
+            self._drop_raw(old)
+        self.entries[entry.queue_id] = entry
+        self._bytes += entry.file_bytes
+        if entry.where == QUEUE:
+            self.schedule(entry, entry.state.next_attempt_at or self.clock())
+
+    def schedule(self, entry: Entry, due_at: float) -> None:
+        """(Re)schedule ``entry`` for ``due_at``; earlier plans for it are void."""
+        seq = next(self._seq)
+        entry.due_at = due_at
+        self._due_seq[entry.queue_id] = seq
+        heapq.heappush(self._heap, (due_at, seq, entry.queue_id))
+        self.changed.set()
+
+    def next_due_at(self) -> float | None:
+        self._drop_stale()
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> Entry | None:
+        """The next entry due at ``now`` (still in queue/), or ``None``."""
+        while True:
+            self._drop_stale()
+            if not self._heap or self._heap[0][0] > now:
+                return None
+            _, _, queue_id = heapq.heappop(self._heap)
+            del self._due_seq[queue_id]
+            entry = self.entries.get(queue_id)
+            if entry is not None and entry.where == QUEUE:
+                return entry
+
+    def _drop_stale(self) -> None:
+        heap = self._heap
+        while heap and self._due_seq.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
+
+    # --- the worker's moves ------------------------------------------------------------------
+
+    def claim(self, entry: Entry) -> bool:
+        """Take ``entry`` for delivery (queue/ → active/); False if it vanished (purged)."""
+        if self.store.claim(entry):
+            return True
+        self._forget(entry)
+        return False
+
+    def read_raw(self, entry: Entry) -> bytes:
+        return self.store.read_raw(entry)
+
+    def defer(self, entry: Entry, state: record.State) -> None:
+        """Record ``state`` and put the entry back in queue/, due at its next attempt."""
+        self._update(entry, state)
+        self.store.move(entry, QUEUE)
+        self._drop_raw(entry)
+        self.schedule(entry, state.next_attempt_at or self.clock())
+
+    def release(self, entry: Entry) -> None:
+        """Back to queue/ unchanged (shutdown cut the delivery short): due now."""
+        with contextlib.suppress(OSError):
+            self.store.move(entry, QUEUE)
+            self.schedule(entry, self.clock())
+
+    def bury(self, entry: Entry, state: record.State) -> None:
+        """Record ``state`` and move the entry to dead/ (kept until retried or purged)."""
+        self._update(entry, state)
+        self.store.move(entry, DEAD)
+        self._drop_raw(entry)
+
+    def finish(self, entry: Entry) -> None:
+        """Every route delivered: remove the file."""
+        self.store.remove(entry)
+        self._forget(entry)
+
+    def _update(self, entry: Entry, state: record.State) -> None:
+        before = entry.file_bytes
+        entry.state = state
+        self.store.append_state(entry)
+        self._bytes += entry.file_bytes - before
+
+    def _forget(self, entry: Entry) -> None:
+        if self.entries.get(entry.queue_id) is entry:
+            del self.entries[entry.queue_id]
+            self._bytes -= entry.file_bytes
+            self._due_seq.pop(entry.queue_id, None)
+        self._drop_raw(entry)
+
+    def _drop_raw(self, entry: Entry) -> None:
+        if entry.raw is not None:
+            self._cached_raw_bytes -= len(entry.raw)
+            entry.raw = None
+
+    # --- upkeep --------------------------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Run forever (cancel to stop): manual retries, reconciling, the writability probe."""
+        last_reconcile = last_probe = time.monotonic()
+        while True:
+            await asyncio.sleep(INCOMING_SECONDS)
+            try:
+                await self._take_incoming()
+                now = time.monotonic()
+                if now - last_reconcile >= RECONCILE_SECONDS:
+                    last_reconcile = now
+                    await self._reconcile()
+                if now - last_probe >= PROBE_SECONDS:
+                    last_probe = now
+                    await self.probe()
+            except Exception:
+                log.exception("spool upkeep failed")
+
+    async def probe(self) -> bool:
+        try:
+            await asyncio.to_thread(self.store.probe, fsync=self.settings.fsync)
+        except OSError as error:
+            if self.writable:
+                log.error("spool not writable", extra={"error": error.strerror or str(error)})
+            self.writable = False
+        else:
+            if not self.writable:
+                log.info("spool writable again")
+            self.writable = True
+        return self.writable
+
+    async def _take_incoming(self) -> None:
+        names = self.store.names(INCOMING)
+        for queue_id in sorted(names):
+            entry = await asyncio.to_thread(self.store.load, INCOMING, queue_id)
+            if entry is None:
+                self.metrics.spool_corrupt.inc()
+                continue
+            old = self.entries.get(queue_id)
+            if old is not None and old.where == ACTIVE:
+                continue  # cannot happen (the CLI never touches active/); be safe
+            self.store.take_incoming(entry)
+            self._add(entry)
+            log.info("manual retry queued", extra={"queue_id": queue_id})
+
+    async def _reconcile(self) -> None:
+        present = {
+            where: await asyncio.to_thread(self.store.names, where) for where in (QUEUE, DEAD)
+        }
+        for entry in list(self.entries.values()):
+            # The listing may predate a move; only the disk now can tell.
+            if (
+                entry.where in present
+                and entry.queue_id not in present[entry.where]
+                and not self.store.path(entry.where, entry.queue_id).exists()
+            ):
+                log.info("spool entry removed from outside", extra={"queue_id": entry.queue_id})
+                self._forget(entry)

@@ -1,0 +1,121 @@
+"""The spool worker's decisions (pure, on a fake clock): per-route state, backoff, expiry."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailbridge.delivery.webhook import Attempt
+from mailbridge.delivery.worker import RouteResult, plan
+from mailbridge.spool import record
+
+NOW = 10_000.0
+DAY = 86_400.0
+
+
+def state(**routes: record.RouteState) -> record.State:
+    return record.State(routes=routes, age_from=NOW - 60, updated_at=NOW - 60)
+
+
+def run(before: record.State, results: dict[str, RouteResult], **overrides: float) -> record.State:
+    options = {
+        "now": NOW,
+        "retry_initial_seconds": 1.0,
+        "retry_max_seconds": 600.0,
+        "max_age_seconds": 5 * DAY,
+    } | overrides
+    return plan(before, results, rand=lambda: 1.0, **options)  # type: ignore[arg-type]
+
+
+def test_a_delivered_route_is_done_and_only_the_failed_one_is_retried() -> None:
+    after = run(
+        state(a=record.RouteState(), b=record.RouteState()),
+        {"a": RouteResult("delivered"), "b": RouteResult("temporary", "HTTP 503")},
+    )
+    assert ["b"] == after.pending
+    assert ("done", 1) == (after.routes["a"].status, after.routes["a"].attempts)
+    assert (1, NOW + 1.0, "HTTP 503") == (
+        after.routes["b"].attempts,
+        after.routes["b"].next_attempt_at,
+        after.routes["b"].last_error,
+    )
+
+
+def test_backoff_doubles_up_to_the_cap_with_full_jitter() -> None:
+    delays = []
+    route = record.RouteState()
+    for _ in range(12):
+        after = run(state(a=route), {"a": RouteResult("temporary", "timed out")})
+        route = after.routes["a"]
+        delays.append(route.next_attempt_at - NOW)
+    assert [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600] == delays
+    half = plan(
+        state(a=record.RouteState()),
+        {"a": RouteResult("temporary")},
+        now=NOW,
+        retry_initial_seconds=8.0,
+        retry_max_seconds=600.0,
+        max_age_seconds=DAY,
+        rand=lambda: 0.25,
+    )
+    assert NOW + 2.0 == half.routes["a"].next_attempt_at
+
+
+def test_retry_after_is_honoured_when_longer_than_the_backoff() -> None:
+    after = run(state(a=record.RouteState()), {"a": RouteResult("temporary", "HTTP 429", 120.0)})
+    assert NOW + 120.0 == after.routes["a"].next_attempt_at
+
+
+def test_permanent_and_unrouted_routes_become_dead_letters() -> None:
+    after = run(
+        state(a=record.RouteState(), b=record.RouteState(), c=record.RouteState()),
+        {"a": RouteResult("permanent", "HTTP 410"), "b": RouteResult("unrouted")},
+    )
+    assert ["a", "b"] == after.dead
+    assert ["c"] == after.pending
+    assert "HTTP 410" == after.routes["a"].last_error
+    assert "route no longer configured" == after.routes["b"].last_error
+
+
+def test_an_open_circuit_defers_without_costing_an_attempt_even_past_the_max_age() -> None:
+    old = record.State(
+        routes={"a": record.RouteState(attempts=3)}, age_from=NOW - 10 * DAY, updated_at=0
+    )
+    after = run(old, {"a": RouteResult("paused", "circuit open", paused_until=NOW + 30)})
+    assert ("pending", 3, NOW + 30, 1) == (
+        after.routes["a"].status,
+        after.routes["a"].attempts,
+        after.routes["a"].next_attempt_at,
+        after.deferrals,
+    )
+
+
+def test_a_message_expires_only_when_a_real_attempt_fails_after_the_max_age() -> None:
+    young = record.State(routes={"a": record.RouteState()}, age_from=NOW - DAY, updated_at=0)
+    assert ["a"] == run(young, {"a": RouteResult("temporary", "HTTP 503")}).pending
+    old = record.State(
+        routes={"a": record.RouteState(attempts=40)}, age_from=NOW - 6 * DAY, updated_at=0
+    )
+    after = run(old, {"a": RouteResult("temporary", "HTTP 503")})
+    assert ["a"] == after.dead
+    assert "expired after 41 attempts: HTTP 503" == after.routes["a"].last_error
+    assert "done" == run(old, {"a": RouteResult("delivered")}).routes["a"].status
+
+
+@pytest.mark.parametrize(
+    ("attempt", "kind"),
+    [
+        (Attempt("delivered", 204, None, None, 0.1), "delivered"),
+        (Attempt("permanent", 410, None, "HTTP 410", 0.1), "permanent"),
+        (Attempt("retry", 503, 5.0, "HTTP 503", 0.1), "temporary"),
+        (Attempt("timeout", None, None, "timed out after 1s", 1.0), "temporary"),
+        (Attempt("connection_error", None, None, "connection refused", 0.0), "temporary"),
+        (Attempt("circuit_open", None, None, "circuit open", 0.0), "paused"),
+    ],
+)
+def test_webhook_attempts_map_to_route_results(attempt: Attempt, kind: str) -> None:
+    result = RouteResult.from_attempt(attempt, paused_until=NOW + 5)
+    assert kind == result.kind
+    if kind == "temporary" and attempt.status == 503:
+        assert 5.0 == result.retry_after_seconds
+    if kind == "paused":
+        assert NOW + 5 == result.paused_until
