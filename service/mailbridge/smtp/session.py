@@ -6,6 +6,8 @@ What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
   greeting and the EHLO/HELO reply, including aiosmtpd's own replies;
 * an internal error answers ``451 4.3.0`` (a retry), never aiosmtpd's ``500``
   with the exception text (a bounce that leaks internals);
+* NUL, other control characters and invalid UTF-8 in HELO/EHLO/MAIL/RCPT
+  arguments are refused (``500 5.5.2``) so they never reach a payload or a log;
 * STARTTLS inside TLS is refused (``503 5.5.1``) instead of nesting TLS; a failed
   handshake is the client's problem (logged at info, connection closed), not ours;
 * DATA is read in large chunks by :mod:`mailbridge.smtp.data` with a deadline
@@ -65,6 +67,21 @@ DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 TEMPORARY_ERROR = "451 4.3.0 Temporary local problem; try again later"
+#: C0 controls (TAB aside) and DEL: never part of a hostname, address or parameter.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: aiosmtpd decodes arguments with ``surrogateescape``: a surrogate is a byte that was not UTF-8.
+UNDECODABLE = re.compile(r"[\udc80-\udcff]")
+
+
+def bad_argument(arg: str | None) -> str | None:
+    """The refusal for an argument holding bytes no field may carry, else ``None``."""
+    if not arg:
+        return None
+    if CONTROL_CHARACTERS.search(arg):
+        return "500 5.5.2 Error: bad syntax (control character)"
+    if UNDECODABLE.search(arg):
+        return "500 5.5.2 Error: bad UTF-8 syntax"
+    return None
 
 
 def enhance(reply: str) -> str:
@@ -204,8 +221,19 @@ class Session(SMTP):
         return TEMPORARY_ERROR
 
     # --- commands --------------------------------------------------------
+    async def _refused(self, arg: str | None) -> bool:
+        """Refuse NUL, other control characters and invalid UTF-8 before any hook sees them."""
+        refusal = bad_argument(arg)
+        if refusal is None:
+            return False
+        self.metrics.reject("bad_syntax")
+        await self.push(refusal)
+        return True
+
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
+        if await self._refused(hostname):
+            return
         self._plain_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -214,11 +242,25 @@ class Session(SMTP):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._refused(hostname):
+            return
         self._plain_replies = True
         try:
             await super().smtp_EHLO(hostname)
         finally:
             self._plain_replies = False
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._refused(arg):
+            return
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._refused(arg):
+            return
+        await super().smtp_RCPT(arg)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
