@@ -15,6 +15,9 @@ RELAY_FORMS = [
     "<user%evil.test%example.com@example.com>",
     "<evil.test!user@example.com>",  # a UUCP bang path
     "<user!evil.test@example.com>",
+    "<@evil.test:user@example.com>",  # a source route
+    "<@evil.test,@other.test:user@example.com>",
+    "<@evil.test:billing@example.com>",  # a source route to a real route's address
     '<"user@evil.test"@example.com>',  # a quoted local part hiding another address
     '<"user%evil.test"@example.com>',
     '<"evil.test!user"@example.com>',

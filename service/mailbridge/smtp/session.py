@@ -8,6 +8,8 @@ What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
   with the exception text (a bounce that leaks internals);
 * NUL, other control characters and invalid UTF-8 in HELO/EHLO/MAIL/RCPT
   arguments are refused (``500 5.5.2``) so they never reach a payload or a log;
+* a source route in RCPT (``<@hop:user@domain>``) is kept for routing to refuse
+  as a relay attempt, instead of being silently dropped;
 * STARTTLS inside TLS is refused (``503 5.5.1``) instead of nesting TLS; a failed
   handshake is the client's problem (logged at info, connection closed), not ours;
 * DATA is read in large chunks by :mod:`mailbridge.smtp.data` with a deadline
@@ -148,6 +150,7 @@ class Session(SMTP):
         #: Per connection, not per aiosmtpd Session: STARTTLS replaces the Session.
         self.unknown_recipients = 0
         self._plain_replies = False
+        self._keep_source_route = False
 
     # --- admission -------------------------------------------------------
     async def admit(self, ip: str) -> bool:
@@ -230,6 +233,15 @@ class Session(SMTP):
         await self.push(refusal)
         return True
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        address, rest = super()._getaddr(arg)
+        if address and self._keep_source_route and arg.lstrip().startswith("<@"):
+            # aiosmtpd drops a source route ("<@hop,@hop:user@domain>"); keep it so
+            # routing sees the relay attempt and refuses it (RFC 5321 §3.6.1 allows that).
+            route, _, _ = arg.lstrip()[1:].partition(":")
+            return f"{route}:{address}", rest
+        return address, rest
+
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if await self._refused(hostname):
@@ -260,7 +272,11 @@ class Session(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self._refused(arg):
             return
-        await super().smtp_RCPT(arg)
+        self._keep_source_route = True
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._keep_source_route = False
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
