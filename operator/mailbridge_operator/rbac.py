@@ -10,14 +10,16 @@ authenticated user may read it.
 Why each rule exists:
 
 - mailbridges: kopf lists and watches them and patches its bookkeeping
-  annotations; mailbridges/status: the operator writes the status.
+  annotations (and its finalizer); the operator reads the latest one before
+  each reconciliation. mailbridges/status: the operator writes the status.
 - configmaps, services, deployments, statefulsets, poddisruptionbudgets,
   servicemonitors: the children. ``get`` to compare with the desired state,
   ``create`` + ``patch`` for server-side apply, ``list`` + ``watch`` so kopf
   sees drift (a child edited or deleted), ``delete`` for children that are no
   longer wanted (the Deployment after persistence is turned on, a disabled
   ServiceMonitor or PodDisruptionBudget). ConfigMaps and Services are never
-  deleted by the operator (owner references collect them).
+  deleted by the operator (owner references collect them). ServiceMonitors are
+  not watched (their CRD may be absent): the periodic resync corrects them.
 - secrets: ``get`` the resourceVersions that go into the config hash; ``list`` +
   ``watch`` to roll the pods when a referenced Secret changes. Never written.
 - events: the operator reports what it did (Created, Updated, InvalidSpec...).
@@ -33,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-CHILD_VERBS = ("get", "list", "watch", "create", "patch")
+CHILD_VERBS = ("get", "list", "watch", "create", "patch")  # watched children, applied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +48,15 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule("mailbridge.io", "mailbridges", ("get", "list", "watch", "patch")),
-    Rule("mailbridge.io", "mailbridges/status", ("get", "patch")),
+    Rule("mailbridge.io", "mailbridges/status", ("patch",)),
     Rule("", "configmaps", CHILD_VERBS),
     Rule("", "services", CHILD_VERBS),
     Rule("apps", "deployments", (*CHILD_VERBS, "delete")),
     Rule("apps", "statefulsets", (*CHILD_VERBS, "delete")),
     Rule("policy", "poddisruptionbudgets", (*CHILD_VERBS, "delete")),
-    Rule("monitoring.coreos.com", "servicemonitors", (*CHILD_VERBS, "delete")),
+    Rule("monitoring.coreos.com", "servicemonitors", ("get", "create", "patch", "delete")),
     Rule("", "secrets", ("get", "list", "watch")),
     Rule("", "events", ("create",)),
-    Rule("events.k8s.io", "events", ("create",)),
     Rule("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"),
          cluster_scoped=True),
     Rule("", "namespaces", ("list", "watch"), cluster_scoped=True),

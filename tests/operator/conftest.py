@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -75,22 +75,41 @@ def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
 
 @pytest.fixture
-def operator(
+def start_operator(
     cluster: emulator.Cluster, tmp_path: pathlib.Path
-) -> Iterator[emulator.OperatorProcess]:
-    """The real ``mailbridge-operator`` (a subprocess) watching the emulated cluster."""
-    process = emulator.OperatorProcess(cluster, tmp_path / "operator.log")
-    try:
+) -> Iterator[Callable[..., emulator.OperatorProcess]]:
+    """Start the real ``mailbridge-operator`` (a subprocess) with extra arguments.
+
+    At the end: each process started here gets SIGTERM (by its PID), must exit 0, and
+    every request it made must be allowed by ``rbac.RULES``.
+    """
+    started: list[emulator.OperatorProcess] = []
+
+    def start(*args: str) -> emulator.OperatorProcess:
+        process = emulator.OperatorProcess(
+            cluster, tmp_path / f"operator-{len(started)}.log", *args)
+        started.append(process)
         process.wait_started()
-        yield process
-    finally:
-        code = process.stop()
-        print(f"--- operator log (exit {code}) ---\n{process.log(200)}")
-    assert 0 == code, "the operator did not stop cleanly on SIGTERM"
+        return process
+
+    yield start
+    codes = []
+    for process in started:
+        codes.append(process.stop())
+        print(f"--- operator log (exit {codes[-1]}) ---\n{process.log(200)}")
+    assert all(code == 0 for code in codes), f"the operator did not stop cleanly: {codes}"
     refused = sorted({
-        f"{r.verb} {r.api_group or 'core'}/{r.resource}" for r in cluster.requests()
-        if r.user_agent.startswith(("kopf/", "mailbridge-operator"))
-        and r.verb is not None and r.resource is not None
-        and not rbac.allows(r.api_group or "", r.resource, r.verb)
+        f"{call.verb} {call.api_group or 'core'}/{call.resource}"
+        for call in cluster.resource_requests(*emulator.OPERATOR_AGENTS)
+        if not rbac.allows(*call.permission)
     })
     assert [] == refused, "the operator used permissions rbac.RULES does not grant"
+
+
+@pytest.fixture
+def operator(
+    start_operator: Callable[..., emulator.OperatorProcess],
+) -> emulator.OperatorProcess:
+    """The real ``mailbridge-operator`` watching every namespace of the emulated cluster."""
+    return start_operator("--all-namespaces")
+

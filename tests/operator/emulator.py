@@ -76,6 +76,7 @@ T = TypeVar("T")
 Obj = dict[str, Any]
 Key = tuple[kmock.resource, str | None, str]
 
+OPERATOR_AGENTS = ("kopf/", "mailbridge-operator")  # User-Agents of the operator's clients
 KUBECTL = pathlib.Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kubectl"
 SEEDED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 VERSION_INFO = {
@@ -150,6 +151,11 @@ class Recorded:
     resource: str | None
     user_agent: str
 
+    @property
+    def permission(self) -> tuple[str, str, str]:
+        """(apiGroup, resource[/subresource], verb) as an RBAC rule would name it."""
+        return self.api_group or "", self.resource or "", self.verb or ""
+
 
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
@@ -177,21 +183,37 @@ class Emulator(kmock.KubernetesEmulator):
     # --- entry points --------------------------------------------------------
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        """kmock's entry point, after turning protobuf bodies into JSON (kmock reads text)."""
-        if "protobuf" not in raw_request.content_type:
-            return await super().__call__(raw_request)
+        """kmock's entry point, with our own parsing: kmock 0.8 fails on paths such as
+        ``/api/v1/namespaces`` and on binary (protobuf) bodies before any reaction runs."""
         body = await raw_request.read()
+        headers = dict(raw_request.headers)
+        data: Any = None
         try:
-            data = kubeproto.decode(body)
-        except ValueError as error:
+            if "protobuf" in raw_request.content_type:
+                data = kubeproto.decode(body)
+                body = json.dumps(data).encode()
+                headers["Content-Type"] = "application/json"
+            elif body:
+                data = yaml.safe_load(body.decode())
+        except ValueError as error:  # also yaml.YAMLError and UnicodeDecodeError
             failure = ApiError(415, "UnsupportedMediaType", str(error))
             return aiohttp.web.json_response(failure.status(), status=415)
-        text = json.dumps(data)
-        headers = dict(raw_request.headers) | {"Content-Type": "application/json"}
+        target = self._parse(raw_request.path.rstrip("/") or "/")
+        params = dict(raw_request.query)
+        watch = params.get("watch", "").lower() in ("1", "true")
+        verb = self._verb(raw_request.method.upper(), target, watch) if target else None
+        actions = {"list": kmock.action.LIST, "watch": kmock.action.WATCH,
+                   "get": kmock.action.FETCH, "create": kmock.action.CREATE,
+                   "patch": kmock.action.UPDATE, "update": kmock.action.UPDATE,
+                   "delete": kmock.action.DELETE}
         request = kmock.Request(
             id=len(self._requests), method=raw_request.method, url=raw_request.url,
-            params=dict(raw_request.query), headers=headers, cookies=dict(raw_request.cookies),
-            body=text.encode(), text=text, data=data, raw_request=raw_request,
+            params=params, headers=headers, cookies=dict(raw_request.cookies),
+            body=body, text=body.decode(errors="replace"), data=data, raw_request=raw_request,
+            action=actions.get(verb or ""), resource=target.resource if target else None,
+            namespace=target.namespace if target else None,
+            name=target.name if target else None,
+            subresource=target.subresource if target else None,
         )
         self._requests.append(request)
         try:
@@ -242,13 +264,18 @@ class Emulator(kmock.KubernetesEmulator):
         params = dict(request.params)
         watch = params.get("watch", "").lower() in ("1", "true")
         verb = self._verb(method, target, watch)
-        self.recorded.append(Recorded(method, path, verb, target.resource.group,
-                                      target.resource.plural + (f"/{target.subresource}"
-                                                                if target.subresource else ""),
-                                      user_agent))
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        resource_name = target.resource.plural + (
+            f"/{target.subresource}" if target.subresource else "")
+        record = Recorded(method, path, verb, target.resource.group, resource_name, user_agent)
+        self.recorded.append(record)
         if target.resource not in self.resources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if (verb == "patch" and content_type == "application/apply-patch+yaml"
+                and target.name and self.live(target.resource, target.namespace,
+                                              target.name) is None):
+            # An apply that creates the object is authorized as a create too.
+            self.recorded.append(dataclasses.replace(record, verb="create"))
         if target.subresource == "scale" and verb in ("get", "patch", "update"):
             return aiohttp.web.json_response(self._scale(target, request, content_type))
         if verb == "watch":
@@ -1173,6 +1200,14 @@ class Cluster:
     def requests(self) -> list[Recorded]:
         return self.call(lambda: list(self.emulator.recorded))
 
+    def resource_requests(self, *user_agent_prefixes: str) -> list[Recorded]:
+        """Requests for API resources, from clients whose User-Agent starts with a prefix."""
+        return [
+            call for call in self.requests()
+            if call.verb is not None and call.resource is not None
+            and call.user_agent.startswith(user_agent_prefixes)
+        ]
+
     def server_errors(self) -> list[Exception]:
         """Exceptions the emulator raised while serving (each one is an emulator bug)."""
         return self.call(lambda: list(self.emulator.errors))
@@ -1226,7 +1261,7 @@ class OperatorProcess:
         self.health_port = _free_port()
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [str(executable), "--all-namespaces", "--log-format=plain", "--verbose",
+            [str(executable), "--log-format=plain", "--verbose",
              f"--health-address=127.0.0.1:{self.health_port}", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=cluster.env(),
             cwd=cluster.directory,
