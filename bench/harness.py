@@ -131,6 +131,8 @@ def _spool_env(work: Path) -> dict[str, str]:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             env[f"MAILBRIDGE_SPOOL__{name.upper()}"] = str(folder)
+    if "max_bytes" in getattr(group.annotation, "model_fields", {}):
+        env["MAILBRIDGE_SPOOL__MAX_BYTES"] = str(8 * 1024 * MB)
     return env
 
 
