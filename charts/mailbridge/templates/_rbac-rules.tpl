@@ -1,0 +1,73 @@
+{{/*
+GENERATED from mailbridge_operator.rbac.RULES by tests/charts/chart_sources.py:
+do not edit. The operator's API permissions, grouped like rbac.policy_rules().
+*/}}
+
+{{- define "mailbridge.rbac.allRules" -}}
+- apiGroups: [mailbridge.io]
+  resources: [mailbridges]
+  verbs: [get, list, patch, watch]
+- apiGroups: [mailbridge.io]
+  resources: [mailbridges/status]
+  verbs: [patch]
+- apiGroups: ['']
+  resources: [configmaps, services]
+  verbs: [create, get, list, patch, watch]
+- apiGroups: [apps]
+  resources: [deployments, statefulsets]
+  verbs: [create, delete, get, list, patch, watch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [create, delete, get, list, patch, watch]
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors]
+  verbs: [create, delete, get, patch]
+- apiGroups: ['']
+  resources: [secrets]
+  verbs: [get, list, watch]
+- apiGroups: ['']
+  resources: [events]
+  verbs: [create]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+- apiGroups: ['']
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+
+{{- define "mailbridge.rbac.namespacedRules" -}}
+- apiGroups: [mailbridge.io]
+  resources: [mailbridges]
+  verbs: [get, list, patch, watch]
+- apiGroups: [mailbridge.io]
+  resources: [mailbridges/status]
+  verbs: [patch]
+- apiGroups: ['']
+  resources: [configmaps, services]
+  verbs: [create, get, list, patch, watch]
+- apiGroups: [apps]
+  resources: [deployments, statefulsets]
+  verbs: [create, delete, get, list, patch, watch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [create, delete, get, list, patch, watch]
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors]
+  verbs: [create, delete, get, patch]
+- apiGroups: ['']
+  resources: [secrets]
+  verbs: [get, list, watch]
+- apiGroups: ['']
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{- define "mailbridge.rbac.clusterScopedRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+- apiGroups: ['']
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
