@@ -2,7 +2,8 @@
 
 Watches MailBridges in every namespace (the default) or in the namespaces
 given with ``--namespace``. Serves kopf's liveness endpoint (``/healthz``,
-JSON of the probes) for the pod's livenessProbe. Credentials: the pod's
+JSON of the probes) for the pod's livenessProbe, and its own Prometheus
+``/metrics`` (:mod:`mailbridge_operator.metrics`). Credentials: the pod's
 service account in a cluster, else ``$KUBECONFIG``. Runs standalone (one
 replica) unless ``--peering`` names a kopf peering object, which needs kopf's
 peering CRDs and lets several replicas take turns.
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to serve the liveness endpoint /healthz (default: %(default)s)",
     )
     parser.add_argument(
+        "--metrics-address", default="0.0.0.0:8082", metavar="HOST:PORT",
+        help="where to serve Prometheus /metrics; empty to disable (default: %(default)s)",
+    )
+    parser.add_argument(
         "--peering", metavar="NAME",
         help="coordinate several operator replicas through this kopf peering object",
     )
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 liveness_endpoint=f"http://{args.health_address}/healthz",
                 standalone=args.peering is None,
                 peering_name=args.peering,
-                memo=kopf.Memo(),
+                memo=kopf.Memo(metrics_address=args.metrics_address),
             )
         )
     except KeyboardInterrupt:  # pragma: no cover - interactive use

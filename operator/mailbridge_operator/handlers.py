@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import kopf
 
-from mailbridge_operator import kube, model, reconcile, render
+from mailbridge_operator import kube, metrics, model, reconcile, render
 
 GROUP, VERSION, PLURAL = model.GROUP, model.VERSION, model.PLURAL
 MANAGED = {"app.kubernetes.io/managed-by": render.MANAGER}
@@ -51,6 +52,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.setdefault("api", kube.Api(settings))
     memo.setdefault("locks", {})
     memo.setdefault("pending", set())
+    address = memo.get("metrics_address")
+    if address:
+        host, _, port = str(address).rpartition(":")
+        memo.metrics_runner = await metrics.serve(host or "0.0.0.0", int(port))
 
 
 @kopf.on.login()
@@ -64,6 +69,9 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     api = memo.get("api")
     if api is not None:
         await api.close()
+    runner = memo.get("metrics_runner")
+    if runner is not None:
+        await runner.cleanup()
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -158,7 +166,7 @@ async def _reconcile_by_name(
                 return
             if uid is not None and owner["metadata"].get("uid") != uid:
                 return  # a new MailBridge of the same name; the old child is garbage
-            await reconcile.reconcile(api, owner, logger=logger)
+            await _observed(reconcile.reconcile(api, owner, logger=logger))
     finally:
         memo.pending.discard(key)
 
@@ -172,7 +180,18 @@ async def _reconcile_locked(
         fresh = await memo.api.get(model.API_VERSION, model.KIND, key[0], key[1])
         if fresh is None or fresh["metadata"].get("uid") != body.metadata.uid:
             return None
-        return await reconcile.reconcile(memo.api, fresh, logger=logger)
+        return await _observed(reconcile.reconcile(memo.api, fresh, logger=logger))
+
+
+async def _observed(run: Coroutine[Any, Any, reconcile.Outcome]) -> reconcile.Outcome:
+    started = time.monotonic()
+    try:
+        outcome = await run
+    except Exception:
+        metrics.observe("failed", time.monotonic() - started, ())
+        raise
+    metrics.observe(outcome.outcome, time.monotonic() - started, outcome.changes)
+    return outcome
 
 
 def _lock(memo: kopf.Memo, key: tuple[str, str]) -> asyncio.Lock:

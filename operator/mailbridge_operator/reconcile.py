@@ -43,6 +43,16 @@ class Outcome:
     status: dict[str, Any]
     invalid: bool = False
     apply_error: str | None = None
+    changes: tuple[tuple[str, str], ...] = ()  # (kind, Created/Updated/Deleted)
+
+    @property
+    def outcome(self) -> str:
+        """settled, waiting, invalid or failed (a metric label)."""
+        if self.invalid:
+            return "invalid"
+        if self.apply_error:
+            return "failed"
+        return "settled" if self.settled else "waiting"
 
     @property
     def ready(self) -> bool:
@@ -101,15 +111,20 @@ async def reconcile(
 
     missing = tuple(secret for secret, version in versions.items() if version is None)
     applied: dict[str, dict[str, Any]] = {}
+    changes: list[tuple[str, str]] = []
     apply_error = None
     where = ""
     try:
         for manifest in manifests:
             where = f"{manifest['kind']} {manifest['metadata']['name']}"
             kopf.adopt(manifest, owner=dict(owner))  # type: ignore[arg-type]
-            applied[manifest["kind"]] = await _apply(api, owner, manifest, logger)
+            applied[manifest["kind"]], verb = await _apply(api, owner, manifest, logger)
+            if verb:
+                changes.append((manifest["kind"], verb))
         where = "removing unwanted children"
-        await _prune(api, owner, keep={manifest["kind"] for manifest in manifests}, logger=logger)
+        removed = await _prune(api, owner, keep={manifest["kind"] for manifest in manifests},
+                               logger=logger)
+        changes.extend((kind, "Deleted") for kind in removed)
     except kube.ApiError as error:
         apply_error = f"{where}: {error}"
         logger.error(f"Apply failed: {apply_error}")
@@ -135,7 +150,7 @@ async def reconcile(
             status.condition(new, status.DEGRADED)["message"]))  # type: ignore[index]
     if _changed_reason(previous, new, status.READY) and status.is_true(new, status.READY):
         _event(owner, "Normal", "Ready", "every replica is ready to accept mail")
-    return Outcome(new, apply_error=apply_error)
+    return Outcome(new, apply_error=apply_error, changes=tuple(changes))
 
 
 async def _secret_versions(
@@ -153,18 +168,18 @@ async def _apply(
     owner: Mapping[str, Any],
     manifest: dict[str, Any],
     logger: logging.Logger | logging.LoggerAdapter[Any],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str | None]:
     """Apply when the live object lacks anything desired; post Created/Updated events."""
     metadata = manifest["metadata"]
     kind, child = manifest["kind"], metadata["name"]
     live = await api.get(manifest["apiVersion"], kind, metadata["namespace"], child)
     if live is not None and contains(live, manifest):
-        return live
+        return live, None
     result = await api.apply(manifest)
     verb = "Created" if live is None else "Updated"
     logger.info(f"{verb} {kind} {child}.")
     _event(owner, "Normal", verb, message=f"{verb} {kind} {child}")
-    return result
+    return result, verb
 
 
 async def _prune(
@@ -173,7 +188,9 @@ async def _prune(
     *,
     keep: set[str],
     logger: logging.Logger | logging.LoggerAdapter[Any],
-) -> None:
+) -> list[str]:
+    """Delete the children the spec no longer wants; return their kinds."""
+    removed = []
     metadata = owner["metadata"]
     names = render.names(metadata["name"])
     child_names = {
@@ -191,8 +208,9 @@ async def _prune(
         uid = live["metadata"].get("uid")
         if await api.delete(api_version, kind, metadata["namespace"], child_names[kind], uid=uid):
             logger.info(f"Deleted {kind} {child_names[kind]}: no longer wanted.")
-            _event(owner, "Normal", "Deleted",
-                      message=f"Deleted {kind} {child_names[kind]}")
+            _event(owner, "Normal", "Deleted", f"Deleted {kind} {child_names[kind]}")
+            removed.append(kind)
+    return removed
 
 
 async def _running_workload(api: kube.Api, namespace: str, name: str) -> dict[str, Any] | None:

@@ -167,6 +167,7 @@ class Emulator(kmock.KubernetesEmulator):
     _tick: asyncio.Event | None = attrs.field(default=None, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _schemas: dict[kmock.resource, CrdSchema] = attrs.field(factory=dict, init=False)
+    _columns: dict[kmock.resource, list[Obj]] = attrs.field(factory=dict, init=False)
     _applied: dict[tuple[Key, str], Obj] = attrs.field(factory=dict, init=False)
     _ips: Iterator[int] = attrs.field(factory=lambda: itertools.count(10), init=False)
     recorded: list[Recorded] = attrs.field(factory=list, init=False)
@@ -280,10 +281,15 @@ class Emulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(self._scale(target, request, content_type))
         if verb == "watch":
             return await self._watch(request, target, params)
+        table = "as=Table" in request.headers.get("Accept", "") and (
+            target.resource in self._columns) and not target.subresource
         if verb == "list":
-            return aiohttp.web.json_response(self._list(target, params))
+            listed = self._list(target, params)
+            return aiohttp.web.json_response(self._table(target, listed) if table else listed)
         if verb == "get":
-            return aiohttp.web.json_response(self._read(target))
+            obj = self._read(target)
+            return aiohttp.web.json_response(
+                self._table(target, {"metadata": {}, "items": [obj]}) if table else obj)
         dry_run = "dryRun" in params
         if verb == "create":
             created = self._create(target, self._body(request, content_type), dry_run=dry_run)
@@ -588,6 +594,29 @@ class Emulator(kmock.KubernetesEmulator):
             pass
         return response
 
+    def _table(self, target: Target, listed: Obj) -> Obj:
+        """A meta.k8s.io/v1 Table with the CRD's printer columns (what ``kubectl get`` shows)."""
+        columns = self._columns[target.resource]
+        definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                        "description": "Name of the object."}] + [
+            {"name": c["name"], "type": c["type"], "format": c.get("format", ""),
+             "description": c.get("description", ""), "priority": c.get("priority", 0)}
+            for c in columns]
+        rows = []
+        for obj in listed["items"]:
+            cells: list[Any] = [obj["metadata"]["name"]]
+            for column in columns:
+                value = _json_path(obj, column["jsonPath"])
+                if column["type"] == "date" and value:
+                    value = _age(str(value))
+                cells.append(value)
+            partial = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                       "metadata": obj["metadata"]}
+            rows.append({"cells": cells, "object": partial})
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+                "metadata": {"resourceVersion": listed["metadata"].get("resourceVersion", "")},
+                "columnDefinitions": definitions, "rows": rows}
+
     # --- writes ---------------------------------------------------------------
 
     def _check_namespace(self, target: Target, body: Obj) -> str | None:
@@ -879,6 +908,8 @@ class Emulator(kmock.KubernetesEmulator):
             )
             if "schema" in version:
                 self._schemas[resource] = CrdSchema(crd, version["name"])
+            if version.get("additionalPrinterColumns"):
+                self._columns[resource] = version["additionalPrinterColumns"]
         crd["status"] = {
             "acceptedNames": names,
             "storedVersions": [v["name"] for v in spec["versions"] if v.get("storage")],
@@ -903,6 +934,7 @@ class Emulator(kmock.KubernetesEmulator):
             if resource in self.resources:
                 del self.resources[resource]
             self._schemas.pop(resource, None)
+            self._columns.pop(resource, None)
 
 
 # --- patch algorithms ---------------------------------------------------------
@@ -1021,6 +1053,38 @@ def _apply_value(live: Any, previous: Any, applied: Any, field: str) -> Any:
 
 def _essence(obj: Obj) -> Obj:
     return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+# --- printer columns -----------------------------------------------------------
+
+_FILTER = re.compile(
+    r'^(?P<field>[\w-]+)\[\?\(@\.(?P<key>[\w-]+)==["\'](?P<value>[^"\']*)["\']\)\]$')
+
+
+def _json_path(obj: Obj, path: str) -> Any:
+    """The subset of JSONPath printer columns use: ``.a.b`` and ``.a[?(@.k=="v")].b``."""
+    current: Any = obj
+    for part in re.findall(r"[^.\[]+(?:\[[^\]]*\])?", path.strip(".")):
+        match = _FILTER.match(part)
+        if match:
+            items = current.get(match["field"]) if isinstance(current, dict) else None
+            current = next((item for item in items or []
+                            if str(item.get(match["key"])) == match["value"]), None)
+        else:
+            current = current.get(part) if isinstance(current, dict) else None
+        if current is None:
+            return None
+    return current
+
+
+def _age(timestamp: str) -> str:
+    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.UTC)
+    seconds = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * 2:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
 
 
 # --- selectors ----------------------------------------------------------------
@@ -1259,10 +1323,12 @@ class OperatorProcess:
         self.cluster = cluster
         self.log_path = log_path
         self.health_port = _free_port()
+        self.metrics_port = _free_port()
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
             [str(executable), "--log-format=plain", "--verbose",
-             f"--health-address=127.0.0.1:{self.health_port}", *args],
+             f"--health-address=127.0.0.1:{self.health_port}",
+             f"--metrics-address=127.0.0.1:{self.metrics_port}", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=cluster.env(),
             cwd=cluster.directory,
         )

@@ -106,10 +106,11 @@ def test_a_ready_deployment_makes_the_mailbridge_ready(
     assert (2, 2) == (owner["status"]["readyReplicas"], owner["status"]["replicas"])
     assert ("False", "RolloutComplete") == (
         condition(owner, "Progressing")["status"], condition(owner, "Progressing")["reason"])
-    table = cluster.kubectl("get", "mb", "inbound", "-o",
-                            "custom-columns=READY:.status.conditions[?(@.type==\"Ready\")].status,"
-                            "ROUTES:.status.routes").stdout
-    assert ["READY", "ROUTES", "True", "2"] == table.split()
+    header, row = cluster.kubectl("get", "mb", "inbound").stdout.splitlines()
+    assert ["NAME", "READY", "REPLICAS", "ROUTES", "AGE"] == header.split()
+    assert ["inbound", "True", "2", "2"] == row.split()[:4]
+    wide = cluster.kubectl("get", "mailbridges", "-o", "wide").stdout.split()
+    assert "REASON" in wide and "AllReplicasReady" in wide
     assert ("Normal", "Ready", "every replica is ready to accept mail") in wait(
         cluster, operator, "the Ready event", lambda: events(cluster, "inbound"))
 
