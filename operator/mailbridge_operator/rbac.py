@@ -1,10 +1,10 @@
 """Every Kubernetes API permission the operator uses, in one place.
 
-The Helm chart renders its ClusterRole from :data:`RULES` (see
-:func:`policy_rules`); ``tests/operator/test_e2e.py`` records every request the
-running operator makes against the emulated API and fails when one is not
-allowed here, and ``tests/operator/test_rbac.py`` fails when a rule is never
-needed by the code. Discovery (``/api``, ``/apis``) needs no rule: every
+The Helm chart is to render its ClusterRole from :data:`RULES` (see
+:func:`policy_rules`). Every test that runs the operator records each request
+it makes against the emulated API and fails when one is not allowed here
+(``tests/operator/conftest.py``), and ``tests/operator/test_rbac.py`` fails
+when a rule is never needed by the code. Discovery (``/api``, ``/apis``) needs no rule: every
 authenticated user may read it.
 
 Why each rule exists:
