@@ -17,7 +17,8 @@ referenced Secrets' resourceVersions, so a change to either rolls the pods.
 
 Pure: trusts a parsed spec (or parses a mapping), emits plain dicts, no I/O.
 Known limit: the bridge has no spool-directory setting yet; the spool volume is
-mounted at ``/var/spool/mailbridge`` (the bridge's documented default there).
+mounted at ``/var/spool/mailbridge`` and the setting must point there once it
+exists.
 """
 
 from __future__ import annotations
