@@ -4,7 +4,8 @@ One dispatcher task pops due entries off the spool's schedule and hands them to
 ``spool.delivery_workers`` worker tasks (bounded concurrency). A worker claims
 the entry (queue/ → active/), builds the bodies of the routes that are due
 (the spooled raw message, parsed again: the id and ``received_at`` come from
-the spool, so the payload is the same on every attempt), posts them
+the spool, so the payload is the same on every attempt; each route's
+``webhook-id`` is ``payload.delivery_id(message id, route)``), posts them
 concurrently, and folds the answers into the entry's new state with
 :func:`plan` (pure, clock passed in):
 
@@ -42,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from mailbridge import payload
 from mailbridge.delivery import retry
 from mailbridge.delivery.webhook import Attempt, Target, WebhookClient
 from mailbridge.observability.metrics import Metrics
@@ -169,6 +171,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch(), name="spool-dispatch")
@@ -183,6 +186,7 @@ class Worker:
 
     async def stop(self, grace_seconds: float) -> None:
         """Stop taking messages; give deliveries in flight ``grace_seconds``; cancel the rest."""
+        self._stopping = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -248,7 +252,7 @@ class Worker:
     async def _work(self) -> None:
         task = asyncio.current_task()
         assert task is not None
-        while True:
+        while not self._stopping:
             entry = await self._ready.get()
             self._busy.add(task)
             try:
@@ -294,14 +298,13 @@ class Worker:
                     extra={"queue_id": entry.queue_id, "error": str(error)},
                 )
                 spool.store.set_aside(entry.where, entry.queue_id, str(error))
-                spool.metrics.spool_corrupt.inc()
                 spool.finish(entry)
                 return
             attempts = await asyncio.gather(
                 *(
                     self._client.post(
                         self._targets[name],
-                        header.webhook_id,
+                        payload.delivery_id(header.webhook_id, name),
                         bodies[name],
                         link_to=header.carrier or None,
                     )

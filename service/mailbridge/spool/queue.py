@@ -82,7 +82,9 @@ class Spool:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
-        self.store = Store(Path(settings.directory), clock=clock)
+        self.store = Store(
+            Path(settings.directory), clock=clock, on_corrupt=metrics.spool_corrupt.inc
+        )
         self._environ = environ
         self.committer: Committer | None = None
         self.entries: dict[str, Entry] = {}
@@ -107,8 +109,6 @@ class Spool:
         found = await asyncio.to_thread(self.store.recover)
         for entry in found.entries:
             self._add(entry)
-        if found.corrupt:
-            self.metrics.spool_corrupt.inc(len(found.corrupt))
         self.committer = Committer(self.store, fsync=self.settings.fsync, environ=self._environ)
         self._tasks = [asyncio.create_task(self.committer.run(), name="spool-commit")]
         self._publish()
@@ -351,12 +351,14 @@ class Spool:
         for queue_id in sorted(names):
             entry = await asyncio.to_thread(self.store.load, INCOMING, queue_id)
             if entry is None:
-                self.metrics.spool_corrupt.inc()
-                continue
+                continue  # damaged (set aside and counted) or purged meanwhile
             old = self.entries.get(queue_id)
             if old is not None and old.where == ACTIVE:
                 continue  # cannot happen (the CLI never touches active/); be safe
-            self.store.take_incoming(entry)
+            try:
+                self.store.take_incoming(entry)
+            except FileNotFoundError:
+                continue  # purged from the command line meanwhile
             self._add(entry)
             log.info("manual retry queued", extra={"queue_id": queue_id})
 

@@ -32,7 +32,7 @@ MAIL_DIRS = (QUEUE, ACTIVE, INCOMING, DEAD)
 ALL_DIRS = (TMP, *MAIL_DIRS, CORRUPT)
 LOCK = "lock"
 #: How long a starting bridge waits for the spool lock (a previous process exiting).
-LOCK_WAIT_SECONDS = 10.0
+LOCK_WAIT_SECONDS = 2.0
 #: State records beyond this many bytes are compacted by rewriting the file.
 COMPACT_STATE_BYTES = 64 * 1024
 
@@ -93,9 +93,16 @@ def fsync_dir(path: Path) -> None:
 class Store:
     """One spool directory, used by one bridge at a time (:meth:`lock`)."""
 
-    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_corrupt: Callable[[], object] | None = None,
+    ) -> None:
         self.root = directory
         self.clock = clock
+        self._on_corrupt = on_corrupt
         self._lock_fd: int | None = None
 
     def path(self, where: str, queue_id: str = "") -> Path:
@@ -153,7 +160,8 @@ class Store:
             for queue_id in sorted(_names(self.path(where))):
                 entry = self.load(where, queue_id)
                 if entry is None:
-                    found.corrupt.append(queue_id)
+                    if self.path(CORRUPT, f"{where}-{queue_id}").exists():
+                        found.corrupt.append(queue_id)
                     continue
                 if where == ACTIVE:
                     self.move(entry, QUEUE)
@@ -173,7 +181,7 @@ class Store:
         return found
 
     def load(self, where: str, queue_id: str) -> Entry | None:
-        """Read and check one file; a damaged one is moved to corrupt/ and ``None`` returned."""
+        """Read and check one file; ``None`` if gone, or damaged (then moved to corrupt/)."""
         path = self.path(where, queue_id)
         try:
             data = path.read_bytes()
@@ -194,6 +202,8 @@ class Store:
         )
         with contextlib.suppress(FileNotFoundError):
             self.path(where, queue_id).replace(self.path(CORRUPT, f"{where}-{queue_id}"))
+            if self._on_corrupt is not None:
+                self._on_corrupt()
 
     def take_incoming(self, entry: Entry) -> None:
         """A manual retry handed over by ``mailbridge spool retry``: reset, then queue it."""
@@ -226,8 +236,12 @@ class Store:
         if entry.state_bytes + len(line) > COMPACT_STATE_BYTES:
             self._compact(entry)
             return
-        with self.path(entry.where, entry.queue_id).open("ab") as file:
-            file.write(line)
+        # No O_CREAT: if the file was purged meanwhile, fail instead of making a stub.
+        fd = os.open(self.path(entry.where, entry.queue_id), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
         entry.state_bytes += len(line)
         entry.file_bytes += len(line)
 
