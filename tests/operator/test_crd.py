@@ -236,3 +236,21 @@ def test_a_52_character_name_is_fine(crd: CrdSchema) -> None:
     resource["metadata"]["name"] = "m" * 52
     assert [] == crd.validate(resource)
     model.check_name("m" * 52)
+
+
+def test_the_converter_handles_kubernetes_extensions() -> None:
+    schema = CrdSchema({"spec": {"versions": [{"name": "v1", "schema": {"openAPIV3Schema": {
+        "type": "object", "properties": {
+            "size": {"x-kubernetes-int-or-string": True,
+                     "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "note": {"type": "string", "nullable": True},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "strict": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "tags": {"type": "array", "x-kubernetes-list-type": "set",
+                     "items": {"type": "string"}},
+        }}}}]}})
+    assert [] == schema.validate({"size": 1, "note": None, "free": {"any": {"thing": 1}}})
+    assert [] == schema.validate({"size": "1Gi", "tags": ["a", "b"]})
+    assert schema.validate({"size": 1.5})
+    assert schema.validate({"strict": {"b": "typo"}})
+    assert schema.validate({"tags": ["a", "a"]})

@@ -233,3 +233,23 @@ def test_persistence_moves_the_bridges_to_a_statefulset(
     wait(cluster, operator, "Ready via the StatefulSet", lambda: condition(
         mailbridge(cluster), "Ready").get("status") == "True")
     assert "StatefulSet/inbound" == mailbridge(cluster)["status"]["workload"]
+
+
+def test_a_refused_child_is_reported_and_the_rest_still_applied(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    """kmock's reaction DSL still works on the emulator: here the API forbids the PDB."""
+    refusal = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+               "reason": "Forbidden", "message": "poddisruptionbudgets is forbidden"}
+    path = f"/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets/inbound"
+    cluster.call(lambda: cluster.emulator[f"patch {path}"] << 403 << refusal)
+    apply_example(cluster, operator)
+    degraded = wait(cluster, operator, "Degraded=ApplyFailed", lambda: condition(
+        mailbridge(cluster), "Degraded").get("reason") == "ApplyFailed" and condition(
+        mailbridge(cluster), "Degraded"))
+    assert "PodDisruptionBudget inbound" in degraded["message"]
+    assert "forbidden" in degraded["message"]
+    assert cluster.get("v1/services", NAMESPACE, "inbound") is not None
+    assert any(kind == "Warning" and reason == "ApplyFailed" for kind, reason, _ in wait(
+        cluster, operator, "the ApplyFailed event", lambda: events(cluster, "inbound")))
+    assert operator.process.poll() is None
