@@ -11,7 +11,10 @@ removed (RFC 5321 §4.5.2). The final line's CRLF belongs to the message.
 Limits: more than ``max_bytes`` of content answers 552 after the client has
 finished sending (RFC 5321 §4.5.3.1.10 expects the whole DATA to be read), with
 memory bounded by one chunk while discarding. A line longer than
-``max_line_bytes`` answers 500.
+``max_line_bytes`` answers 500. With a :class:`~mailbridge.smtp.limits.Reservation`
+the buffer starts at :data:`FIRST_STEP` bytes and doubles only as far as the
+process-wide DATA budget allows; when it cannot grow, the rest is discarded
+and the verdict is ``BUSY`` (the session answers 452).
 
 Uses two private members of ``asyncio.StreamReader`` (``_buffer``, ``_limit``), as
 aiosmtpd itself does; the tests exercise them on a real reader.
@@ -23,16 +26,21 @@ import asyncio
 import enum
 from dataclasses import dataclass
 
+from mailbridge.smtp.limits import Reservation
+
 CRLF = b"\r\n"
 END = b"\r\n.\r\n"
 #: Bytes kept in the reader while discarding an oversized message.
 DISCARD_CHUNK = 64 * 1024
+#: Buffer a DATA read may fill before it asks its reservation for more (then it doubles).
+FIRST_STEP = 64 * 1024
 
 
 class Verdict(enum.Enum):
     OK = "ok"
     TOO_BIG = "too_big"
     LINE_TOO_LONG = "line_too_long"
+    BUSY = "busy"  # the process-wide DATA budget is spent
 
 
 @dataclass(frozen=True)
@@ -62,20 +70,37 @@ def longest_line_exceeds(content: bytes, max_line_bytes: int) -> bool:
     return False
 
 
-async def read(reader: asyncio.StreamReader, *, max_bytes: int, max_line_bytes: int) -> Data:
-    """Read one DATA section from ``reader``, leaving anything pipelined after it unread."""
+async def read(
+    reader: asyncio.StreamReader,
+    *,
+    max_bytes: int,
+    max_line_bytes: int,
+    reservation: Reservation | None = None,
+) -> Data:
+    """Read one DATA section from ``reader``, leaving anything pipelined after it unread.
+
+    With a ``reservation``, the buffer grows only as far as it can be reserved.
+    """
     # A virtual CRLF before the first line lets a lone "." end an empty message
     # and lets one search find "<CRLF>.<CRLF>" everywhere.
     reader._buffer[:0] = CRLF  # type: ignore[attr-defined]
     saved_limit = reader._limit  # type: ignore[attr-defined]
     # Dot-stuffing can make the wire a little longer than the content.
-    reader._limit = max_bytes + max_bytes // 32 + 1024  # type: ignore[attr-defined]
+    cap = max_bytes + max_bytes // 32 + 1024
+    limit = cap if reservation is None else min(cap, FIRST_STEP)
     try:
-        try:
-            wire = await reader.readuntil(END)
-        except asyncio.LimitOverrunError as overrun:
-            discarded = await _discard(reader, overrun.consumed)
-            return Data(Verdict.TOO_BIG, b"", discarded - len(CRLF))
+        while True:
+            if reservation is not None and not reservation.ensure(limit):
+                return await _refuse(reader, Verdict.BUSY, 0, reservation)
+            reader._limit = limit  # type: ignore[attr-defined]
+            try:
+                wire = await reader.readuntil(END)
+                break
+            except asyncio.LimitOverrunError as overrun:
+                if limit >= cap:
+                    return await _refuse(reader, Verdict.TOO_BIG, overrun.consumed, reservation)
+                # readuntil kept the buffer; search it again with room to grow.
+                limit = min(cap, limit * 2)
     finally:
         reader._limit = saved_limit  # type: ignore[attr-defined]
     content = unstuff(wire[: -len(END) + len(CRLF)])
@@ -85,6 +110,19 @@ async def read(reader: asyncio.StreamReader, *, max_bytes: int, max_line_bytes: 
     if longest_line_exceeds(content, max_line_bytes):
         return Data(Verdict.LINE_TOO_LONG, b"", wire_bytes)
     return Data(Verdict.OK, content, wire_bytes)
+
+
+async def _refuse(
+    reader: asyncio.StreamReader,
+    verdict: Verdict,
+    consumed: int,
+    reservation: Reservation | None,
+) -> Data:
+    """Give back what was reserved and discard the rest of the message."""
+    if reservation is not None:
+        reservation.release()
+    discarded = await _discard(reader, consumed)
+    return Data(verdict, b"", discarded - len(CRLF))
 
 
 async def _discard(reader: asyncio.StreamReader, consumed: int) -> int:

@@ -1,8 +1,9 @@
-"""Admission of SMTP connections: a cap on all sessions and on sessions per client IP.
+"""Admission of SMTP connections and of the memory their messages take.
 
 Pure bookkeeping, shared by every session of one listener; the session asks
 :meth:`SessionLimits.admit` once it knows the client's IP (after the PROXY header
 when that is enabled) and calls :meth:`release` when the connection ends.
+:class:`DataBudget` caps the DATA bytes all sessions hold in memory at once.
 """
 
 from __future__ import annotations
@@ -41,3 +42,53 @@ class SessionLimits:
         self._per_ip[ip] -= 1
         if self._per_ip[ip] <= 0:
             del self._per_ip[ip]
+
+
+#: Default process-wide cap on DATA bytes buffered at once (see :class:`DataBudget`).
+DEFAULT_MAX_DATA_IN_FLIGHT_BYTES = 128 * 1024 * 1024
+
+
+class DataBudget:
+    """A process-wide cap on the DATA bytes buffered by all sessions at once.
+
+    Each session buffers its message in memory while it arrives and while it is
+    parsed and delivered. Without a shared cap, 200 clients sending 25 MiB each
+    would make the bridge hold 5 GiB (several times that while parsing). A session
+    takes a :class:`Reservation` and grows it as its buffer grows; when the budget
+    is spent the message is refused with ``452 4.3.1`` (the sender retries later)
+    instead of being buffered. Single event loop: no locking.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.in_flight = 0
+
+    @property
+    def available(self) -> int:
+        return self.max_bytes - self.in_flight
+
+    def reservation(self) -> Reservation:
+        return Reservation(self)
+
+
+class Reservation:
+    """One session's share of a :class:`DataBudget`; released when its message is done."""
+
+    def __init__(self, budget: DataBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def ensure(self, total_bytes: int) -> bool:
+        """Hold at least ``total_bytes`` in all; ``False`` (holding what it had) if it cannot."""
+        more = total_bytes - self.held
+        if more <= 0:
+            return True
+        if more > self._budget.available:
+            return False
+        self._budget.in_flight += more
+        self.held = total_bytes
+        return True
+
+    def release(self) -> None:
+        self._budget.in_flight -= self.held
+        self.held = 0

@@ -3,7 +3,8 @@
 Runs in the application's event loop (no thread, unlike aiosmtpd's Controller),
 so sessions, delivery and the HTTP server share one loop. :meth:`Listener.drain`
 implements graceful shutdown: stop accepting, let open sessions finish within a
-bound, then say ``421 4.7.0`` to the rest and close them.
+bound, then say ``421 4.7.0`` to the rest and close them. The listener owns the
+limits its sessions share: session caps and the DATA memory budget.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 from mailbridge.config import SmtpSettings
 from mailbridge.observability.metrics import Metrics
+from mailbridge.smtp import limits
 from mailbridge.smtp.handler import Handler
 from mailbridge.smtp.limits import SessionLimits
 from mailbridge.smtp.session import Session
@@ -37,6 +39,11 @@ class Listener:
         self.limits = SessionLimits(
             max_sessions=settings.max_sessions, max_sessions_per_ip=settings.max_sessions_per_ip
         )
+        #: Shared by all sessions: the DATA bytes held in memory at once. The setting
+        #: ``smtp.max_data_in_flight_bytes`` is read when the settings model has it.
+        self.data_budget = limits.DataBudget(
+            getattr(settings, "max_data_in_flight_bytes", limits.DEFAULT_MAX_DATA_IN_FLIGHT_BYTES)
+        )
         self.sessions: set[Session] = set()
         self._server: asyncio.Server | None = None
 
@@ -48,6 +55,7 @@ class Listener:
             limits=self.limits,
             metrics=self.metrics,
             tls_context=self.tls_context,
+            budget=self.data_budget,
         )
         self.sessions.add(session)
         return session

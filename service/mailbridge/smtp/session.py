@@ -13,7 +13,9 @@ What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
 * STARTTLS inside TLS is refused (``503 5.5.1``) instead of nesting TLS; a failed
   handshake is the client's problem (logged at info, connection closed), not ours;
 * DATA is read in large chunks by :mod:`mailbridge.smtp.data` with a deadline
-  for the whole transfer (``data_timeout_seconds``);
+  for the whole transfer (``data_timeout_seconds``), its memory drawn from the
+  listener's process-wide :class:`~mailbridge.smtp.limits.DataBudget` (``452 4.3.1``
+  when it is spent: the sender retries later);
 * admission: total and per-client-IP session caps (``421 4.7.0`` and close),
   with the client IP taken from a PROXY header when that is enabled;
 * every reply starting ``421`` closes the connection after it is sent.
@@ -37,7 +39,7 @@ from mailbridge.config import SmtpSettings
 from mailbridge.observability import tracing
 from mailbridge.observability.metrics import Metrics
 from mailbridge.smtp import data
-from mailbridge.smtp.limits import SessionLimits
+from mailbridge.smtp.limits import DataBudget, Reservation, SessionLimits
 
 log = logging.getLogger("mailbridge.smtp")
 
@@ -69,6 +71,7 @@ DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 TEMPORARY_ERROR = "451 4.3.0 Temporary local problem; try again later"
+BUSY = "452 4.3.1 Insufficient system resources; try again later"
 #: C0 controls (TAB aside) and DEL: never part of a hostname, address or parameter.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: aiosmtpd decodes arguments with ``surrogateescape``: a surrogate is a byte that was not UTF-8.
@@ -121,6 +124,7 @@ class Session(SMTP):
         limits: SessionLimits,
         metrics: Metrics,
         tls_context: ssl.SSLContext | None,
+        budget: DataBudget | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         # The stream limit also sets how much is buffered before reading pauses;
@@ -143,6 +147,7 @@ class Session(SMTP):
         )
         self.settings = settings
         self.limits = limits
+        self.budget = budget
         self.metrics = metrics
         self._smtp_methods = _CountingMethods(self._smtp_methods, metrics)
         #: The client's IP (from the PROXY header when enabled); None until admitted.
@@ -316,6 +321,20 @@ class Session(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        reservation = self.budget.reservation() if self.budget is not None else None
+        if reservation is not None and not reservation.ensure(data.FIRST_STEP):
+            # Before 354 the client has sent no content yet: it will retry later.
+            self.metrics.reject("temp_failure")
+            await self.push(BUSY)
+            return
+        try:
+            await self._data(reservation)
+        finally:
+            if reservation is not None:
+                reservation.release()
+
+    async def _data(self, reservation: Reservation | None) -> None:
+        assert self.envelope is not None
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.settings.data_timeout_seconds)
         try:
@@ -323,12 +342,18 @@ class Session(SMTP):
                 self._reader,
                 max_bytes=self.settings.max_message_size_bytes,
                 max_line_bytes=self.settings.max_line_length_bytes,
+                reservation=reservation,
             )
         except asyncio.IncompleteReadError:
             # The client vanished before the end of DATA: nothing was accepted.
             self._set_post_data_state()
             return
         self._reset_timeout()
+        if received.verdict is data.Verdict.BUSY:
+            self.metrics.reject("temp_failure")
+            self._set_post_data_state()
+            await self.push(BUSY)
+            return
         if received.verdict is data.Verdict.TOO_BIG:
             self.metrics.reject("too_big")
             self._set_post_data_state()
@@ -340,6 +365,7 @@ class Session(SMTP):
             limit = self.settings.max_line_length_bytes
             await self.push(f"500 5.5.2 Line too long (the limit is {limit} bytes)")
             return
+        # The reservation is held until the reply: parsing and delivery use the bytes too.
         self.envelope.content = self.envelope.original_content = received.content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
