@@ -8,14 +8,15 @@
   ``status.observedGeneration`` reconciles at once: a spec edited while kopf
   still waits to retry the previous change is not delayed.
 - A timer re-reconciles every MailBridge periodically (drift the watchers
-  missed, status freshness).
+  missed, ServiceMonitors, status freshness). For it, kopf keeps its finalizer
+  on each MailBridge: deleting one needs the operator running.
 - Children (ConfigMaps, Services, Deployments, StatefulSets,
   PodDisruptionBudgets with ``app.kubernetes.io/managed-by=mailbridge-operator``)
   and referenced Secrets: a change reconciles their MailBridge at once, so a
   deleted or edited child is restored, a rotated Secret rolls the pods, and a
   Deployment becoming ready shows in the status.
 
-Reconciliations of one MailBridge never overlap (one lock per uid), and
+Reconciliations of one MailBridge never overlap (a lock per namespace/name), and
 bursts of child events collapse into one pass. Deletion needs no handler: the
 children carry owner references and the garbage collector removes them.
 kopf keeps its bookkeeping in ``mailbridge.io/`` annotations, so the status
