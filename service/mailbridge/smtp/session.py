@@ -16,6 +16,9 @@ What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
   for the whole transfer (``data_timeout_seconds``), its memory drawn from the
   listener's process-wide :class:`~mailbridge.smtp.limits.DataBudget` (``452 4.3.1``
   when it is spent: the sender retries later);
+* a session deadline (:data:`SESSION_TIMEOUT_SECONDS` without transferring a
+  message) on top of aiosmtpd's per-command timeout, so slow trickling clients
+  are closed;
 * admission: total and per-client-IP session caps (``421 4.7.0`` and close),
   with the client IP taken from a PROXY header when that is enabled;
 * every reply starting ``421`` closes the connection after it is sent.
@@ -72,6 +75,10 @@ DEFAULT_ENHANCED = {
 }
 TEMPORARY_ERROR = "451 4.3.0 Temporary local problem; try again later"
 BUSY = "452 4.3.1 Insufficient system resources; try again later"
+#: A session that has not transferred a message for this long is closed, however
+#: busy it keeps itself with NOOP, RSET or refused commands (each of which restarts
+#: aiosmtpd's per-command timer). Setting ``smtp.session_timeout_seconds`` when present.
+SESSION_TIMEOUT_SECONDS = 600.0
 #: C0 controls (TAB aside) and DEL: never part of a hostname, address or parameter.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: aiosmtpd decodes arguments with ``surrogateescape``: a surrogate is a byte that was not UTF-8.
@@ -156,6 +163,10 @@ class Session(SMTP):
         self.unknown_recipients = 0
         self._plain_replies = False
         self._keep_source_route = False
+        self._session_timeout = float(
+            getattr(settings, "session_timeout_seconds", SESSION_TIMEOUT_SECONDS)
+        )
+        self._deadline = self.loop.time() + self._session_timeout
 
     # --- admission -------------------------------------------------------
     async def admit(self, ip: str) -> bool:
@@ -200,6 +211,19 @@ class Session(SMTP):
             self.metrics.sessions_active.set(self.limits.active)
             self.metrics.sessions_per_ip_max.set(self.limits.busiest_ip_sessions)
         super().connection_lost(error)
+
+    # --- timeouts --------------------------------------------------------
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Restart the timer; a command's timeout never runs past the session deadline.
+
+        aiosmtpd restarts its timer with each recognised command, so a client
+        trickling ``NOOP`` one byte a second would stay forever. DATA passes its own
+        ``duration`` (the whole-transfer timeout) and is not cut short.
+        """
+        if duration is None:
+            remaining = self._deadline - self.loop.time()
+            duration = max(min(self._timeout_duration, remaining), 0.001)
+        super()._reset_timeout(duration)
 
     # --- replies ---------------------------------------------------------
     async def push(self, status: AnyStr) -> None:
@@ -348,6 +372,8 @@ class Session(SMTP):
             # The client vanished before the end of DATA: nothing was accepted.
             self._set_post_data_state()
             return
+        # A whole message was transferred: the session has earned more time.
+        self._deadline = self.loop.time() + self._session_timeout
         self._reset_timeout()
         if received.verdict is data.Verdict.BUSY:
             self.metrics.reject("temp_failure")
