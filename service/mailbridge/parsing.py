@@ -79,6 +79,16 @@ _ALTERNATIVE = "multipart/alternative"
 _PLAIN = "text/plain"
 _HTML = "text/html"
 _MAX_DEFECT_WORD = 40
+# One plain mailbox, "Display Name <local@domain>" or "local@domain": only atoms
+# and dot-atoms (RFC 5322 §3.2.3), ASCII, no quotes, comments, encoded words or
+# folding. For such a value the structured parser finds exactly these parts and
+# no defect, so it is read directly (the stdlib parser costs ~0.1 ms a header).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_PLAIN_MAILBOX = re.compile(
+    rf"[ \t]*(?:(?:(?P<name>{_ATEXT}(?: {_ATEXT})*) ?)?<(?P<angle>{_DOT_ATOM}@{_DOT_ATOM})>"
+    rf"|(?P<bare>{_DOT_ATOM}@{_DOT_ATOM}))[ \t]*"
+)
 
 
 @dataclass(frozen=True)
@@ -238,9 +248,21 @@ def _read_header(name: str, value: str, defects: list[str], *, structured: bool 
     return header
 
 
+def _plain_mailbox(value: str) -> Mailbox | None:
+    """The one mailbox of a plain address header value, or None (use the full parser)."""
+    match = _PLAIN_MAILBOX.fullmatch(value)
+    if match is None or "=?" in value:  # '=' and '?' are atext, but "=?" may start a word
+        return None
+    return Mailbox(match["name"] or "", match["angle"] or match["bare"])
+
+
 def _mailboxes(values: list[tuple[str, str]], defects: list[str]) -> tuple[Mailbox, ...]:
     found: list[Mailbox] = []
     for name, value in values:
+        plain = _plain_mailbox(value)
+        if plain is not None:
+            found.append(plain)
+            continue
         header = _read_header(name, value, defects)
         addresses = getattr(header, "addresses", None)
         if addresses is None:  # the structured parser gave up: read it the old way
