@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT / "tests" / "operator"))  # the emulator layer (not 
 
 import emulator  # noqa: E402  (only after KUBECONFIG points nowhere)
 from crdschema import CrdSchema  # noqa: E402
-from kmock._internal import parsing as _kmock_parsing  # noqa: E402
 
 from tests.conftest import require_tool  # noqa: E402
 
@@ -48,21 +47,6 @@ MONITORING_APIS = (
 # Values files of tests/charts/values, rendered and validated one by one; "defaults"
 # is the chart's values.yaml alone.
 SCENARIOS = ("defaults", "namespaced", "monitoring", "bridges")
-
-
-# kmock 0.8 cannot parse the path of the namespace collection (/api/v1/namespaces:
-# "not enough values to unpack"), which kopf lists and watches when it serves a set
-# of namespaces. Until tests/operator/emulator.py serves it, teach kmock's parser.
-_original_parse_path = _kmock_parsing.parse_path
-
-
-def _parse_path(path: str) -> Any:
-    if path.strip("/").split("/") == ["api", "v1", "namespaces"]:
-        return _kmock_parsing.ParsedPath("", "v1", "namespaces", None, None, None)
-    return _original_parse_path(path)
-
-
-_kmock_parsing.parse_path = _parse_path
 
 
 class Helm:

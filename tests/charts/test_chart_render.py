@@ -14,6 +14,7 @@ appear only when the cluster serves their API (or a value forces them).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -114,13 +115,16 @@ def test_mailbridges_from_values_pass_the_crd_and_the_operators_renderer(
         assert given.get("annotations") == bridge["metadata"].get("annotations")
 
 
-def test_the_monitoring_scenarios_servicemonitor_is_valid(
+def test_a_bridges_servicemonitor_from_values_is_valid_and_alerted_on(
     rendered: dict[str, list[Manifest]], crd: CrdSchema
 ) -> None:
     children = bridge_children(crd, one(rendered["monitoring"], "MailBridge"))
     monitor = one(children, "ServiceMonitor")
     check_with_prometheus_operator(monitor)
     assert "kube-prometheus-stack" == monitor["metadata"]["labels"]["release"]
+    # The operator names the job after the headless Service ("<bridge>-headless"): the
+    # availability alerts see it because this bridge's name contains "mailbridge".
+    assert bridge_target(job_of(monitor, of_kind(children, "Service")))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -137,27 +141,57 @@ def test_the_prometheus_rule_embeds_the_rules_file_unchanged(
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("kind", "key"), [("PrometheusRule", "prometheusRule"), ("ServiceMonitor", "serviceMonitor")]
+)
+@pytest.mark.parametrize(
+    ("api", "settings", "expected"),
     [
-        ((), False),
-        (("--api-versions", "monitoring.coreos.com/v1/PrometheusRule"), True),
-        (("--set", "prometheusRule.force=true"), True),
-        (
-            (
-                "--api-versions",
-                "monitoring.coreos.com/v1/PrometheusRule",
-                "--set",
-                "prometheusRule.enabled=false",
-            ),
-            False,
-        ),
-        (("--set", "prometheusRule.enabled=false", "--set", "prometheusRule.force=true"), False),
+        (False, (), False),
+        (True, (), True),
+        (False, ("force=true",), True),
+        (True, ("enabled=false",), False),
+        (False, ("enabled=false", "force=true"), False),
     ],
 )
-def test_the_prometheus_rule_needs_the_api_or_force(
-    helm: Helm, args: tuple[str, ...], expected: bool
+def test_monitoring_objects_need_their_api_or_force(
+    helm: Helm, kind: str, key: str, api: bool, settings: tuple[str, ...], expected: bool
 ) -> None:
-    assert expected == bool(of_kind(helm.template(*args), "PrometheusRule"))
+    args = ["--api-versions", f"monitoring.coreos.com/v1/{kind}"] if api else []
+    for setting in settings:
+        args += ["--set", f"{key}.{setting}"]
+    assert expected == bool(of_kind(helm.template(*args), kind))
+
+
+def job_of(monitor: Manifest, services: list[Manifest]) -> str:
+    """The job name Prometheus gives a ServiceMonitor's targets (jobLabel, else the Service)."""
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (service,) = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+    ports = {port["name"] for port in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    label = monitor["spec"].get("jobLabel")
+    return str(service["metadata"]["labels"][label] if label else service["metadata"]["name"])
+
+
+def bridge_target(job: str) -> bool:
+    """Whether the rules file's availability alerts take this job for a bridge."""
+    rules = (CHART / "rules" / "mailbridge.rules.yaml").read_text()
+    assert 'job=~".*mailbridge.*", job!~".*operator.*"' in rules  # the selector read below
+    return re.fullmatch(".*mailbridge.*", job) is not None and "operator" not in job
+
+
+def test_the_operators_servicemonitor_scrapes_its_metrics_port_as_an_operator_job(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    for scenario in SCENARIOS:
+        manifests = rendered[scenario]
+        monitor = one(manifests, "ServiceMonitor")
+        check_with_prometheus_operator(monitor)
+        job = job_of(monitor, of_kind(manifests, "Service"))
+        assert "mailbridge-operator" == job
+        assert not bridge_target(job), "the bridges' availability alerts would count the operator"
+        assert "/metrics" == monitor["spec"]["endpoints"][0]["path"]
+    monitor = one(rendered["monitoring"], "ServiceMonitor")
+    assert "kube-prometheus-stack" == monitor["metadata"]["labels"]["release"]
 
 
 def test_dashboards_are_configmaps_for_grafanas_sidecar(
@@ -240,9 +274,12 @@ def test_the_operator_runs_locked_down_with_probes_on_kopfs_liveness_endpoint(
     assert "Recreate" == deployment["spec"]["strategy"]["type"]  # never two kopf operators
     assert 1 == deployment["spec"]["replicas"]
     assert ["mailbridge-operator"] == container["command"]
-    assert ["--all-namespaces", "--health-address=0.0.0.0:8081", "--log-format=json"] == (
-        container["args"]
-    )
+    assert [
+        "--all-namespaces",
+        "--health-address=0.0.0.0:8081",
+        "--metrics-address=0.0.0.0:8082",
+        "--log-format=json",
+    ] == container["args"]
     cli.build_parser().parse_args(container["args"])  # the operator accepts them
     assert "ghcr.io/mailbridge/mailbridge:0.1.0" == container["image"]
     assert "resources" not in container  # unset by default: the user measures and sets them
@@ -262,7 +299,10 @@ def test_the_operator_runs_locked_down_with_probes_on_kopfs_liveness_endpoint(
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     } == container["securityContext"]
-    assert [{"name": "health", "containerPort": 8081, "protocol": "TCP"}] == container["ports"]
+    assert [
+        {"name": "health", "containerPort": 8081, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8082, "protocol": "TCP"},
+    ] == container["ports"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert {"path": "/healthz", "port": "health"} == container[probe]["httpGet"]
     assert [{"name": "tmp", "mountPath": "/tmp"}] == container["volumeMounts"]

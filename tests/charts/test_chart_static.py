@@ -21,7 +21,7 @@ import chart_sources
 import jsonschema
 import pytest
 import yaml
-from conftest import CHART, SCENARIOS, VALUES_DIR, Helm
+from conftest import CHART, MONITORING_APIS, SCENARIOS, VALUES_DIR, Helm
 
 from mailbridge_operator import model
 
@@ -217,8 +217,7 @@ def test_one_kind_per_template_file(rendered: dict[str, list[dict[str, Any]]], h
             "-n",
             "mail",
             *files,
-            "--api-versions",
-            "monitoring.coreos.com/v1/PrometheusRule",
+            *[arg for api in MONITORING_APIS for arg in ("--api-versions", api)],
         ).stdout
         for document in text.split("\n---\n"):
             source = re.search(r"^# Source: mailbridge/(\S+)$", document, re.M)
