@@ -1,8 +1,9 @@
 """The parser's fast paths give exactly what the standard library's full parse gives.
 
 :func:`mailbridge.parsing._plain_mailbox` reads plain address headers without
-the structured header parser. It must agree with the slow path on every input
-it accepts, and decline everything else.
+the structured header parser, and :func:`mailbridge.parsing._read_single_part`
+takes a single-part body without the line-by-line feed parser. Both must agree
+with the slow path on every input they accept, and decline everything else.
 """
 
 from __future__ import annotations
@@ -101,3 +102,43 @@ def test_a_plain_mailbox_is_read_as_the_full_parser_reads_it() -> None:
 )
 def test_anything_not_plain_goes_to_the_full_parser(value: str) -> None:
     assert parsing._plain_mailbox(value) is None
+
+
+BODY = b"line one\r\n.leading dot\r\n\r\nafter a blank line\r\nno end"
+MESSAGES = [
+    b"From: Bench <bench@example.com>\r\nSubject: hi\r\n\r\n" + BODY,
+    b"Subject: lf only\n\nbody\nmore\n",
+    b"Subject: cr only\r\rbody\r",
+    b"Subject: mixed\r\n\nbody\r\n",
+    b"\r\nno headers at all\r\n",
+    b"Subject: no body\r\n\r\n",
+    b"Subject: no separator\r\n",
+    b"Subject: bad line follows\r\nthis is not a header\r\n\r\nbody\r\n",
+    b"Subject: folded\r\n continued\r\n\r\nbody\r\n",
+    b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>caf\xc3\xa9</p>\r\n",
+    b"Content-Type: text/plain; charset=latin-1\r\n\r\ncaf\xe9\r\n",
+    b"Content-Transfer-Encoding: base64\r\nContent-Type: application/pdf\r\n\r\nJVBERi0=\r\n",
+    b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n\r\na\r\n--x--\r\n",
+    b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nbody\r\n",
+    b"From nobody Mon Jan  1 00:00:00 2024\r\nSubject: unix from\r\n\r\nbody\r\n",
+    b"Subject: 8bit \xff header\r\n\r\nbody \xfe\r\n",
+    b"Subject: x\r\nContent-Type: text/plain\r\n\r\n" + b"X" * 78 + b"\r\n" * 3,
+]
+
+
+@pytest.mark.parametrize("raw", MESSAGES)
+def test_a_single_part_body_is_read_as_the_full_parse_reads_it(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = parsing.parse(raw, header_prefixes=["X-", "Subject"])
+    with monkeypatch.context() as patch:
+        patch.setattr(parsing, "_read_single_part", lambda raw: None)
+        patch.setattr(parsing, "_plain_mailbox", lambda value: None)
+        slow = parsing.parse(raw, header_prefixes=["X-", "Subject"])
+    assert slow == fast
+
+
+def test_the_body_fast_path_is_taken_for_plain_mail_and_declined_for_containers() -> None:
+    assert parsing._read_single_part(MESSAGES[0]) is not None
+    for container in (MESSAGES[12], MESSAGES[13], MESSAGES[7], MESSAGES[6]):
+        assert parsing._read_single_part(container) is None
