@@ -202,3 +202,23 @@ def test_many_concurrent_uploads_are_refused_not_buffered(
         assert peak[0] <= budget.max_bytes
         still_serves(bridge.smtp_port)
         _wait(lambda: budget.in_flight == 0)
+
+
+def test_a_budget_smaller_than_the_first_step_still_takes_messages_that_fit(
+    monkeypatch: pytest.MonkeyPatch, receiver: ReceiverThread
+) -> None:
+    """Found by the fuzz harness: DATA reserved 64 KiB even when the size limit is 4 KiB."""
+    monkeypatch.setattr(limits, "DEFAULT_MAX_DATA_IN_FLIGHT_BYTES", 2 * data.wire_cap(4096))
+    with (
+        BridgeThread(
+            routes=[route("r", ["*"], receiver.url)], smtp={"max_message_size_bytes": 4096}
+        ) as bridge,
+        Raw(bridge.smtp_port) as raw,
+    ):
+        raw.command("EHLO client.test")
+        raw.command("MAIL FROM:<a@sender.test>")
+        raw.command("RCPT TO:<user@example.com>")
+        assert raw.command("DATA").startswith("354")
+        raw.send(b"Subject: small\r\n\r\nhi\r\n.\r\n")
+        assert raw.reply().startswith("250 2.0.0")
+    assert ["small"] == [d.json["subject"] for d in receiver.wait_for(1)]

@@ -55,6 +55,16 @@ def unstuff(wire: bytes) -> bytes:
     return wire.replace(b"\r\n.", CRLF)[2:]
 
 
+def wire_cap(max_bytes: int) -> int:
+    """Most DATA bytes buffered for a ``max_bytes`` message (dot-stuffing makes the wire longer)."""
+    return max_bytes + max_bytes // 32 + 1024
+
+
+def first_step(max_bytes: int) -> int:
+    """The buffer a DATA read reserves before any content has arrived."""
+    return min(wire_cap(max_bytes), FIRST_STEP)
+
+
 def longest_line_exceeds(content: bytes, max_line_bytes: int) -> bool:
     """Whether a CRLF-separated line of ``content`` is longer than ``max_line_bytes``."""
     if len(content) <= max_line_bytes:
@@ -85,9 +95,8 @@ async def read(
     # and lets one search find "<CRLF>.<CRLF>" everywhere.
     reader._buffer[:0] = CRLF  # type: ignore[attr-defined]
     saved_limit = reader._limit  # type: ignore[attr-defined]
-    # Dot-stuffing can make the wire a little longer than the content.
-    cap = max_bytes + max_bytes // 32 + 1024
-    limit = cap if reservation is None else min(cap, FIRST_STEP)
+    cap = wire_cap(max_bytes)
+    limit = cap if reservation is None else first_step(max_bytes)
     try:
         while True:
             if reservation is not None and not reservation.ensure(limit):

@@ -346,7 +346,8 @@ class Session(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         reservation = self.budget.reservation() if self.budget is not None else None
-        if reservation is not None and not reservation.ensure(data.FIRST_STEP):
+        first_step = data.first_step(self.settings.max_message_size_bytes)
+        if reservation is not None and not reservation.ensure(first_step):
             # Before 354 the client has sent no content yet: it will retry later.
             self.metrics.reject("temp_failure")
             await self.push(BUSY)
