@@ -222,6 +222,14 @@ class Retry(_Spec):
         return self
 
 
+class SpoolDelivery(_Spec):
+    max_size: Bytes | None = Field(None, ge=2**20)
+    max_messages: int = Field(100_000, ge=1, le=10_000_000)
+    max_age: Seconds = 120 * 3600.0
+    workers: int = Field(32, ge=1, le=10_000)
+    shutdown_grace_period: Seconds = 10.0
+
+
 class Breaker(_Spec):
     failure_threshold: int = Field(5, ge=1, le=1000)
     open_duration: Seconds = 30.0
@@ -232,6 +240,7 @@ class Delivery(_Spec):
     max_connections: int = Field(100, ge=1, le=10000)
     sync: SyncDelivery = Field(default_factory=SyncDelivery)
     retry: Retry = Field(default_factory=Retry)
+    spool: SpoolDelivery = Field(default_factory=SpoolDelivery)
     breaker: Breaker = Field(default_factory=Breaker)
 
 

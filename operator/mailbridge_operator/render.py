@@ -16,9 +16,9 @@ listed in ``webhook.secret_files``. The pod template carries
 referenced Secrets' resourceVersions, so a change to either rolls the pods.
 
 Pure: trusts a parsed spec (or parses a mapping), emits plain dicts, no I/O.
-Known limit: the bridge has no spool-directory setting yet; the spool volume is
-mounted at ``/var/spool/mailbridge`` and the setting must point there once it
-exists.
+With persistence, each pod's volume claim is mounted at the bridge's spool
+directory (``/var/spool/mailbridge``, also set explicitly in the configuration)
+and the spool's size limit defaults to 90% of the claim.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ CONFIG_KEY = "mailbridge.yaml"
 CONFIG_DIR = "/etc/mailbridge/config"
 SECRETS_DIR = "/etc/mailbridge/secrets"
 TLS_DIR = "/etc/mailbridge/tls"
-SPOOL_DIR = "/var/spool/mailbridge"
+SPOOL_DIR = config.DEFAULT_SPOOL_DIRECTORY  # the image's spool directory, the claim's mount
+SPOOL_SHARE_OF_VOLUME = 0.9  # default spool limit: the volume must never fill up
 HTTP_PORT = 8080
 UID = 10001
 FILE_MODE = 0o440  # readable by the pod's group (fsGroup), never world-readable
@@ -71,6 +72,7 @@ _SETTINGS_TO_SPEC = {
     "smtp.hostname": "spec.smtp.hostname",
     "smtp.trusted_proxies": "spec.service.proxyProtocol.trustedCIDRs",
     "parsing.header_prefixes": "spec.parsing.headerPrefixes",
+    "spool.max_bytes": "spec.delivery.spool.maxSize (or 90% of spec.persistence.size)",
 }
 _ROUTE_FIELDS = {"name": "name", "recipients": "recipients", "webhook": "webhook"}
 
@@ -138,6 +140,15 @@ def bridge_settings(name: str, namespace: str, spec: model.MailBridgeSpec) -> co
             "breaker_failure_threshold": delivery.breaker.failure_threshold,
             "breaker_open_seconds": delivery.breaker.open_duration,
             "max_connections": delivery.max_connections,
+        },
+        "spool": {
+            "directory": SPOOL_DIR,
+            "max_bytes": delivery.spool.max_size or int(
+                model.parse_size(spec.persistence.size) * SPOOL_SHARE_OF_VOLUME),
+            "max_messages": delivery.spool.max_messages,
+            "max_age_seconds": delivery.spool.max_age,
+            "delivery_workers": delivery.spool.workers,
+            "shutdown_grace_seconds": delivery.spool.shutdown_grace_period,
         },
         "parsing": {
             "header_prefixes": spec.parsing.header_prefixes,
@@ -408,7 +419,7 @@ def _pod_template(name: str, spec: model.MailBridgeSpec, digest: str) -> dict[st
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the bridge never talks to the API
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": math.ceil(spec.smtp.shutdown_grace_period) + 10,
+        "terminationGracePeriodSeconds": _grace_seconds(spec),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": UID,
@@ -442,6 +453,14 @@ def _pod_template(name: str, spec: model.MailBridgeSpec, digest: str) -> dict[st
         },
         "spec": pod,
     }
+
+
+def _grace_seconds(spec: model.MailBridgeSpec) -> int:
+    """SMTP sessions finish, then (spool mode) deliveries in flight, plus a margin."""
+    grace = spec.smtp.shutdown_grace_period
+    if spec.delivery.mode == "spool":
+        grace += spec.delivery.spool.shutdown_grace_period
+    return math.ceil(grace) + 10
 
 
 def _secret_sources(spec: model.MailBridgeSpec) -> list[dict[str, Any]]:

@@ -141,6 +141,10 @@ VALID = {
     "minimal": _edit(lambda s: None),
     "spool with persistence": _edit(lambda s: s.update(
         delivery={"mode": "spool"}, persistence={"enabled": True, "size": "5Gi"})),
+    "spool limits": _edit(lambda s: s.update(
+        delivery={"mode": "spool", "spool": {"maxSize": "4Gi", "maxMessages": 10, "maxAge": "72h",
+                                             "workers": 8, "shutdownGracePeriod": "30s"}},
+        persistence={"enabled": True, "size": "5Gi"})),
     "tls from a secret": _edit(lambda s: s.update(tls={"secretName": "mx-tls"},
                                                   smtp={"requireTLS": True})),
     "load balancer keeping client IPs": _edit(lambda s: s.update(service={
@@ -201,6 +205,10 @@ INVALID: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "reserved pod annotation": (_edit(lambda s: s.update(
         podAnnotations={"mailbridge.io/config-hash": "x"})), "reserved"),
     "bad log level": (_edit(lambda s: s.update(logLevel="verbose")), "logLevel"),
+    "no spool workers": (_edit(lambda s: s.update(delivery={"spool": {"workers": 0}})),
+                         "workers"),
+    "spool max age in days": (_edit(lambda s: s.update(delivery={"spool": {"maxAge": "5d"}})),
+                              "maxAge"),
 }
 
 

@@ -176,6 +176,27 @@ def test_persistence_makes_a_statefulset_with_a_spool_claim() -> None:
         sts["persistentVolumeClaimRetentionPolicy"])
     data = yaml.safe_load(manifests["ConfigMap/mx-config"]["data"][render.CONFIG_KEY])
     assert "spool" == data["delivery"]["mode"]
+    assert {"directory": "/var/spool/mailbridge", "max_bytes": int(5 * 2**30 * 0.9),
+            "max_messages": 100000, "max_age_seconds": 432000.0, "delivery_workers": 32,
+            "shutdown_grace_seconds": 10.0, "fsync": True}.items() <= data["spool"].items()
+    assert 50 == sts["template"]["spec"]["terminationGracePeriodSeconds"]  # 30 + 10 + 10
+
+
+def test_spool_limits_come_from_the_spec() -> None:
+    limited = spec(delivery={"mode": "spool", "spool": {
+        "maxSize": "2Gi", "maxMessages": 500, "maxAge": "24h", "workers": 4,
+        "shutdownGracePeriod": "1m"}}, persistence={"enabled": True, "size": "10Gi"})
+    data = yaml.safe_load(render.config_yaml("mx", "mail", model.parse(limited)))
+    assert (2 * 2**30, 500, 86400.0, 4, 60.0) == (
+        data["spool"]["max_bytes"], data["spool"]["max_messages"],
+        data["spool"]["max_age_seconds"], data["spool"]["delivery_workers"],
+        data["spool"]["shutdown_grace_seconds"])
+
+
+def test_a_volume_too_small_for_a_spool_is_reported() -> None:
+    tiny = spec(delivery={"mode": "spool"}, persistence={"enabled": True, "size": "1Mi"})
+    with pytest.raises(model.InvalidSpecError, match=r"persistence\.size"):
+        render.render("mx", "mail", tiny, {})
 
 
 def test_service_maps_the_public_port_to_the_smtp_port() -> None:
