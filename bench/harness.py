@@ -95,7 +95,9 @@ class ServerSpec:
     note: str = ""
 
 
-def _mailbridge(mode: str) -> Callable[[int, str, Path], tuple[list[str], dict[str, str]]]:
+def _mailbridge(
+    mode: str, *, uvloop: bool = False
+) -> Callable[[int, str, Path], tuple[list[str], dict[str, str]]]:
     def command(port: int, hook: str, work: Path) -> tuple[list[str], dict[str, str]]:
         secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         env = {
@@ -112,6 +114,8 @@ def _mailbridge(mode: str) -> Callable[[int, str, Path], tuple[list[str], dict[s
         }
         if mode == "spool":
             env.update(_spool_env(work))
+        if uvloop:
+            return [str(VENV_PY), str(BENCH / "peers" / "mailbridge_uvloop.py")], env
         return [str(ROOT / ".venv" / "bin" / "mailbridge")], env
 
     return command
@@ -168,6 +172,7 @@ SERVERS: dict[str, ServerSpec] = {
     for spec in [
         ServerSpec("mailbridge-sync", True, "python", _mailbridge("sync")),
         ServerSpec("mailbridge-spool", True, "python", _mailbridge("spool")),
+        ServerSpec("mailbridge-sync-uvloop", True, "uvloop", _mailbridge("sync", uvloop=True)),
         ServerSpec("aiosmtpd-discard", False, "python", _python("aiosmtpd_discard.py")),
         ServerSpec("smtp-server-post", True, "node", _node("smtp_server.js", "post", "{hook}")),
         ServerSpec("smtp-server-discard", False, "node", _node("smtp_server.js", "discard")),
@@ -549,6 +554,12 @@ def available(spec: ServerSpec) -> str | None:
     """Why ``spec`` cannot run here, or None."""
     if spec.name == "mailbridge-spool" and not spool_available():
         return "pending: the spool mode has not landed in this checkout yet"
+    if spec.needs == "uvloop":
+        found = subprocess.run(
+            [str(VENV_PY), "-c", "import uvloop"], capture_output=True, check=False
+        )
+        if found.returncode != 0:
+            return "uvloop is not installed in .venv (it is not a dependency; pip install uvloop)"
     if spec.needs == "node":
         if shutil.which("node") is None:
             return "node is not installed"
@@ -566,6 +577,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--cells", default=None, help="e.g. 1K:10:reuse,100K:10:new:200")
     parser.add_argument("--no-memory", action="store_true", help="skip idle / 25 MiB tests")
+    parser.add_argument("--memory-only", action="store_true", help="only idle / 25 MiB tests")
     parser.add_argument("--out", type=Path, default=None, help="Markdown report")
     parser.add_argument("--json", type=Path, default=None, help="raw results as JSON")
     args = parser.parse_args(argv)
@@ -573,7 +585,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
         print("smtp-source (Debian postfix) is missing: run bench/run", file=sys.stderr)
         return 2
     repeats = args.repeats or (1 if args.quick else 3)
-    partial = args.quick or args.cells or args.servers != ",".join(DEFAULT_SERVERS)
+    partial = (
+        args.quick or args.cells or args.memory_only or args.servers != ",".join(DEFAULT_SERVERS)
+    )
     out = args.out or (WORK / "PARTIAL.md" if partial else BENCH / "RESULTS.md")
     wanted = [name.strip() for name in args.servers.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in SERVERS]
@@ -599,7 +613,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 continue
             servers[name] = server
         order = list(servers)
-        plan = cells(args.quick, args.cells)
+        plan = [] if args.memory_only else cells(args.quick, args.cells)
         for repeat in range(repeats):
             for index, cell in enumerate(plan):
                 shift = (repeat + index) % max(1, len(order))
@@ -612,7 +626,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                     if not result.ok:  # whatever it still holds must not leak into the next run
                         await server.stop()
                         await server.start()
-        if not args.no_memory and not args.quick and not args.cells:
+        if args.memory_only or not (args.no_memory or args.quick or args.cells):
             for repeat in range(repeats):
                 for name, server in servers.items():
                     await server.stop()
@@ -647,6 +661,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 indent=1,
             )
         )
+    if args.memory_only:
+        return 0 if memory and not any(m.error for m in memory) else 1
     return 0 if results and all(r.ok for r in results) else 1
 
 
@@ -738,6 +754,7 @@ def machine() -> list[str]:
 
 PEERS_FOR_RATIO = [
     "mailbridge-spool",
+    "mailbridge-sync-uvloop",
     "aiosmtpd-discard",
     "smtp-server-post",
     "smtp-server-discard",
@@ -777,6 +794,8 @@ def render(
         "| mailbridge-sync | this bridge, sync mode: parse, signed JSON POST, "
         "250 after the webhook's 2xx |",
         "| mailbridge-spool | this bridge, spool mode: 250 once fsynced, delivered by the worker |",
+        "| mailbridge-sync-uvloop | mailbridge-sync on uvloop's event loop (bench/peers/"
+        "mailbridge_uvloop.py; uvloop is not a dependency) |",
         "| aiosmtpd-discard | bare aiosmtpd 1.4.6, accepts and discards (no parsing, no POST) |",
         "| smtp-server-post | nodemailer smtp-server + mailparser + JSON POST, "
         "250 after the POST's 2xx |",
