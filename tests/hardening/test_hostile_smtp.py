@@ -251,6 +251,19 @@ def test_bogus_and_binary_commands_are_refused_then_the_session_is_closed(
     still_serves(bridge.smtp_port)
 
 
+def test_a_client_cannot_put_control_bytes_into_a_reply_line(bridge: BridgeThread) -> None:
+    """aiosmtpd echoes an unknown verb; a CR or an escape in it must not reach the client."""
+    with Raw(bridge.smtp_port) as raw:
+        raw.send(b"\x1b[2J\rFAKE\r\n")
+        line = raw.file.readline()
+        assert line.startswith(b"500 5.5.2 ")
+        assert not any(byte < 0x20 for byte in line[:-2]), line
+        raw.send(b"Y" * 500 + b"\r\n")
+        assert len(raw.file.readline()) <= 512
+        assert raw.command("EHLO").startswith("501 5.5.")
+    still_serves(bridge.smtp_port)
+
+
 def test_an_http_request_to_the_smtp_port_is_refused_and_closed(bridge: BridgeThread) -> None:
     with Raw(bridge.smtp_port) as raw:
         raw.send(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\r\n" * 2)

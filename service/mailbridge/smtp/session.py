@@ -81,6 +81,8 @@ BUSY = "452 4.3.1 Insufficient system resources; try again later"
 SESSION_TIMEOUT_SECONDS = 600.0
 #: C0 controls (TAB aside) and DEL: never part of a hostname, address or parameter.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: A reply line's text without its CRLF (RFC 5321 §4.5.3.1.5: 512 octets with it).
+MAX_REPLY_CHARS = 510
 #: aiosmtpd decodes arguments with ``surrogateescape``: a surrogate is a byte that was not UTF-8.
 UNDECODABLE = re.compile(r"[\udc80-\udcff]")
 
@@ -228,8 +230,12 @@ class Session(SMTP):
     # --- replies ---------------------------------------------------------
     async def push(self, status: AnyStr) -> None:
         reply = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
-        if not self._plain_replies:
-            reply = enhance(reply)
+        # aiosmtpd echoes an unknown verb: never let a client put CR or other
+        # control bytes into our reply line, nor make it longer than RFC 5321 allows.
+        reply = CONTROL_CHARACTERS.sub("?", reply)
+        if not self._plain_replies or reply[:1] in ("4", "5"):
+            reply = enhance(reply)  # EHLO/HELO greet plainly, their errors do not
+        reply = reply[:MAX_REPLY_CHARS]
         if self.transport is None or self.transport.is_closing():
             return
         await super().push(reply)
