@@ -1,7 +1,8 @@
 """The HTTP side door: ``/healthz`` (alive), ``/readyz`` (taking mail), ``/metrics``.
 
-``/readyz`` answers 200 only while the SMTP listener is serving and the bridge
-is not draining; each failing check is named in the body. Extra routes (the
+``/readyz`` answers 200 only while every check the caller passes holds (the app
+passes: the SMTP listener is serving, the bridge is not draining, and in spool
+mode the spool is writable); each failing check is named in the body. Extra routes (the
 demo inbox) can be added before start. Reads the ``http`` settings.
 """
 

@@ -184,8 +184,18 @@ class SpoolPipeline:
         return f"250 2.0.0 Ok: queued as {webhook_id}"
 
 
+def _declared_size(mail_options: Sequence[str]) -> int:
+    """The ``SIZE=`` a client declared at MAIL (RFC 1870), or 0."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit() and len(value) < 16:
+            return int(value)
+    return 0
+
+
 class SpoolHandler(Handler):
-    """The SMTP handler, plus: refuse a transaction at MAIL while the spool is full."""
+    """The SMTP handler, plus: refuse a transaction at MAIL while the spool is full
+    (or has no room for the ``SIZE=`` the client declared)."""
 
     def __init__(self, *args: Any, spool: queue.Spool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -199,7 +209,7 @@ class SpoolHandler(Handler):
         address: str,
         mail_options: list[str],
     ) -> str:
-        if not self.spool.has_room():
+        if not self.spool.has_room(_declared_size(mail_options)):
             self.metrics.reject("spool_full")
             return FULL_REPLY
         return await super().handle_MAIL(server, session, envelope, address, mail_options)

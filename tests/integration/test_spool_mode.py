@@ -185,13 +185,20 @@ def test_a_full_spool_answers_452_at_mail_and_data_and_takes_mail_again_once_dra
         with spool_bridge(tmp_path, route("a", ["*@a.test"], rx.url), **settings) as bridge:
             assert 250 == send(bridge.smtp_port, 1, size=500_000)[0]
             assert 250 == send(bridge.smtp_port, 2)[0]
-            # Room for a message, not for 600 kB: MAIL passes, DATA is refused.
+            # Room for a message, not for 600 kB: declared with SIZE, refused at MAIL...
             code, text = send(bridge.smtp_port, 3, size=600_000)
             assert (452, "4.3.1") == (code, text[:5])
+            # ... undeclared, refused at the end of DATA.
+            with smtplib.SMTP("127.0.0.1", bridge.smtp_port) as client:
+                client.ehlo("client.test")
+                assert 250 == client.mail("sender@x.test")[0]
+                assert 250 == client.rcpt("user@a.test")[0]
+                code, reply = client.data(message(3, 600_000))
+            assert (452, b"4.3.1") == (code, reply[:5])
             assert 250 == send(bridge.smtp_port, 4)[0]
             code, text = send(bridge.smtp_port, 5)  # 3 messages: refused at MAIL
             assert (452, "4.3.1") == (code, text[:5])
-            assert 2 == bridge.metric(
+            assert 3 == bridge.metric(
                 "mailbridge_smtp_messages_rejected_total", reason="spool_full"
             )
             rx.respond(lambda d: 200)

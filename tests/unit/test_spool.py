@@ -261,13 +261,23 @@ async def test_a_disk_error_fails_the_write_and_marks_the_spool_unwritable(
     await spool.close()
 
 
-async def test_entries_purged_from_outside_are_forgotten_on_claim(tmp_path: Path) -> None:
+async def test_a_first_attempt_runs_from_queue_and_a_purged_retry_is_forgotten(
+    tmp_path: Path,
+) -> None:
     spool = make_spool(tmp_path)
     await spool.open()
     entry = await accept(spool)
     assert spool.pop_due(2000.0) is entry
+    assert await spool.claim(entry)  # type: ignore[arg-type]  # fresh: no rename
+    assert {entry.queue_id} == names(tmp_path / QUEUE)  # type: ignore[attr-defined]
+    await spool.defer(entry, entry.state)  # type: ignore[arg-type, attr-defined]
+    assert spool.pop_due(1e12) is entry
+    assert await spool.claim(entry)  # type: ignore[arg-type]  # a retry: queue/ -> active/
+    assert {entry.queue_id} == names(tmp_path / ACTIVE)  # type: ignore[attr-defined]
+    await spool.defer(entry, entry.state)  # type: ignore[arg-type, attr-defined]
+    assert spool.pop_due(1e12) is entry
     (tmp_path / QUEUE / entry.queue_id).unlink()  # type: ignore[attr-defined]
-    assert not spool.claim(entry)  # type: ignore[arg-type]
+    assert not await spool.claim(entry)  # type: ignore[arg-type]
     assert {} == spool.entries
     assert 0 == spool.used_bytes
     await spool.close()

@@ -271,7 +271,7 @@ class Worker:
 
     async def _deliver(self, entry: Entry) -> None:
         spool = self._spool
-        if not spool.claim(entry):
+        if not await spool.claim(entry):
             return  # purged or retried from the command line meanwhile
         header = entry.header
         due = self._due_routes(entry, self._clock())
@@ -313,7 +313,7 @@ class Worker:
             )
             for name, attempt in zip(routed, attempts, strict=True):
                 results[name] = RouteResult.from_attempt(attempt, self._trial_time(name))
-        self._settle(entry, results)
+        await self._settle(entry, results)
 
     def _trial_time(self, route: str) -> float:
         breaker = self._client.breakers.get(self._targets[route].destination)
@@ -323,7 +323,7 @@ class Worker:
             return now + TRIAL_BUSY_SECONDS + self._rand() * CIRCUIT_JITTER_SECONDS
         return now + max(0.0, retry_at - mono) + self._rand() * CIRCUIT_JITTER_SECONDS
 
-    def _settle(self, entry: Entry, results: Mapping[str, RouteResult]) -> None:
+    async def _settle(self, entry: Entry, results: Mapping[str, RouteResult]) -> None:
         now = self._clock()
         before = entry.state
         state = plan(
@@ -353,7 +353,7 @@ class Worker:
                     },
                 )
         if state.pending:
-            self._spool.defer(entry, state)
+            await self._spool.defer(entry, state)
             log.info(
                 "delivery deferred",
                 extra={
@@ -364,7 +364,7 @@ class Worker:
                 },
             )
         elif state.dead:
-            self._spool.bury(entry, state)
+            await self._spool.bury(entry, state)
         else:
             self._spool.finish(entry)
             log.info(

@@ -20,9 +20,14 @@ Who may do what (the protocol that makes the command line safe on a running
 bridge; every move is one atomic ``rename``):
 
 - Only the process holding ``lock`` (the bridge) writes files: it creates them
-  in tmp/, appends ``STATE`` records to files in active/ and incoming/ (which it
-  has just taken), and moves queue/ → active/ → queue/ | dead/ | removed.
-  Appends are not synced: losing one repeats a delivery with the same id.
+  in tmp/, appends ``STATE`` records to files it has taken, and moves
+  queue/ → active/ → queue/ | dead/ | removed. Appends are not synced: losing
+  one repeats a delivery with the same id. One shortcut: a message's first
+  attempt, right after acceptance, runs from queue/ (two renames fewer per
+  message); a command that moves or purges it meanwhile makes the bridge's
+  append fail (``ENOENT``, appends never create files) and the bridge forgets
+  the entry; at worst the message is delivered once more (same id) or, when
+  purged with ``--force`` mid-attempt, delivered anyway.
 - ``mailbridge spool`` never writes into a file. ``retry`` renames a file from
   dead/ or queue/ to incoming/; the bridge picks incoming/ up within a second,
   resets the retried routes (due now, attempts and age restart) and queues

@@ -100,6 +100,9 @@ class Spool:
         #: False after a failed write until a write succeeds again (``/readyz``).
         self.writable = True
         self._tasks: list[asyncio.Task[None]] = []
+        self._removals: list[Path] = []
+        self._removal_wake = asyncio.Event()
+        self._remover: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class Spool:
             self._add(entry)
         self.committer = Committer(self.store, fsync=self.settings.fsync, environ=self._environ)
         self._tasks = [asyncio.create_task(self.committer.run(), name="spool-commit")]
+        self._remover = asyncio.create_task(self._remove_files(), name="spool-remove")
         self._publish()
         log.info(
             "spool opened",
@@ -134,6 +138,12 @@ class Spool:
                 await task
         if self.committer is not None:
             await asyncio.to_thread(self.committer.shutdown)
+        if self._remover is not None:
+            self._remover.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._remover
+        await asyncio.to_thread(_unlink_all, self._removals)
+        self._removals = []
         self.store.unlock()
 
     def _publish(self) -> None:
@@ -154,8 +164,8 @@ class Spool:
             if state == "dead":
                 total += entry.where == DEAD
             elif state == "inflight":
-                total += entry.where == ACTIVE
-            elif entry.where == QUEUE:
+                total += entry.where == ACTIVE or (entry.busy and entry.where == QUEUE)
+            elif entry.where == QUEUE and not entry.busy:
                 due = entry.due_at
                 total += (due <= now) if state == "queued" else (due > now)
         return float(total)
@@ -235,6 +245,7 @@ class Spool:
         """(Re)schedule ``entry`` for ``due_at``; earlier plans for it are void."""
         seq = next(self._seq)
         entry.due_at = due_at
+        entry.busy = False
         self._due_seq[entry.queue_id] = seq
         heapq.heappush(self._heap, (due_at, seq, entry.queue_id))
         self.changed.set()
@@ -253,6 +264,7 @@ class Spool:
             del self._due_seq[queue_id]
             entry = self.entries.get(queue_id)
             if entry is not None and entry.where == QUEUE:
+                entry.busy = True  # in the worker's hands until rescheduled or gone
                 return entry
 
     def _drop_stale(self) -> None:
@@ -262,9 +274,17 @@ class Spool:
 
     # --- the worker's moves ------------------------------------------------------------------
 
-    def claim(self, entry: Entry) -> bool:
-        """Take ``entry`` for delivery (queue/ → active/); False if it vanished (purged)."""
-        if self.store.claim(entry):
+    async def claim(self, entry: Entry) -> bool:
+        """Take ``entry`` for delivery; False if its file vanished (purged from outside).
+
+        A fresh message (accepted by this process, bytes still in memory) makes its
+        first attempt from queue/: no rename on the hot path. Any later attempt moves
+        the file queue/ → active/ first (in a thread: with syncs in flight a rename
+        can wait on the file system's journal).
+        """
+        if entry.raw is not None and entry.where == QUEUE and entry.state.attempts == 0:
+            return True
+        if await asyncio.to_thread(self.store.claim, entry):
             return True
         self._forget(entry)
         return False
@@ -272,12 +292,10 @@ class Spool:
     def read_raw(self, entry: Entry) -> bytes:
         return self.store.read_raw(entry)
 
-    def defer(self, entry: Entry, state: record.State) -> None:
+    async def defer(self, entry: Entry, state: record.State) -> None:
         """Record ``state`` and put the entry back in queue/, due at its next attempt."""
-        self._update(entry, state)
-        self.store.move(entry, QUEUE)
-        self._drop_raw(entry)
-        self.schedule(entry, state.next_attempt_at or self.clock())
+        if await self._record(entry, state, QUEUE):
+            self.schedule(entry, state.next_attempt_at or self.clock())
 
     def release(self, entry: Entry) -> None:
         """Back to queue/ unchanged (shutdown cut the delivery short): due now."""
@@ -285,22 +303,46 @@ class Spool:
             self.store.move(entry, QUEUE)
             self.schedule(entry, self.clock())
 
-    def bury(self, entry: Entry, state: record.State) -> None:
+    async def bury(self, entry: Entry, state: record.State) -> None:
         """Record ``state`` and move the entry to dead/ (kept until retried or purged)."""
-        self._update(entry, state)
-        self.store.move(entry, DEAD)
+        if await self._record(entry, state, DEAD):
+            entry.busy = False
+
+    async def _record(self, entry: Entry, state: record.State, where: str) -> bool:
         self._drop_raw(entry)
+        try:
+            self._bytes += await asyncio.to_thread(self._record_and_move, entry, state, where)
+        except FileNotFoundError:
+            # Moved from the command line during a first attempt (see claim): its
+            # new owner (incoming/ → a manual retry, or a purge) decides.
+            self._forget(entry)
+            return False
+        return True
 
     def finish(self, entry: Entry) -> None:
-        """Every route delivered: remove the file."""
-        self.store.remove(entry)
-        self._forget(entry)
+        """Every route delivered: forget it now, remove its file soon (in a batch).
 
-    def _update(self, entry: Entry, state: record.State) -> None:
+        A crash before the removal only delivers it again, with the same id.
+        """
+        self._forget(entry)
+        self._removals.append(self.store.path(entry.where, entry.queue_id))
+        self._removal_wake.set()
+
+    def _record_and_move(self, entry: Entry, state: record.State, where: str) -> int:
+        """In a thread: append ``state``, move the file; returns the change in bytes."""
         before = entry.file_bytes
         entry.state = state
         self.store.append_state(entry)
-        self._bytes += entry.file_bytes - before
+        if entry.where != where:
+            self.store.move(entry, where)
+        return entry.file_bytes - before
+
+    async def _remove_files(self) -> None:
+        while True:
+            await self._removal_wake.wait()
+            self._removal_wake.clear()
+            batch, self._removals = self._removals, []
+            await asyncio.to_thread(_unlink_all, batch)
 
     def _forget(self, entry: Entry) -> None:
         if self.entries.get(entry.queue_id) is entry:
@@ -369,9 +411,16 @@ class Spool:
         for entry in list(self.entries.values()):
             # The listing may predate a move; only the disk now can tell.
             if (
-                entry.where in present
+                not entry.busy
+                and entry.where in present
                 and entry.queue_id not in present[entry.where]
                 and not self.store.path(entry.where, entry.queue_id).exists()
             ):
                 log.info("spool entry removed from outside", extra={"queue_id": entry.queue_id})
                 self._forget(entry)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

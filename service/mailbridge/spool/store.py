@@ -65,6 +65,8 @@ class Entry:
     #: When the worker will next look at it (may be earlier than the state says: a paused
     #: circuit reschedules in memory only).
     due_at: float = 0.0
+    #: Handed to the worker (popped from the schedule, not yet settled).
+    busy: bool = False
     #: The raw message, kept in memory from acceptance to first delivery when it fits.
     raw: bytes | None = field(default=None, repr=False)
 
