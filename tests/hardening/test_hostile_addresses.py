@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from tests.hardening.smtp_client import Raw, still_serves, transaction
@@ -107,6 +109,34 @@ def test_nul_controls_and_invalid_utf8_are_refused_in_every_envelope_field(
     assert "\\u0000" not in text and "\x00" not in text
     assert "client.test" == delivery.json["envelope"]["helo"]
     assert ["user@example.com"] == delivery.json["recipients"]
+    still_serves(bridge.smtp_port)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "MAIL FROM:<alice@",
+        "MAIL FROM:<@",
+        "RCPT TO:<billing@",
+        "RCPT TO:<user@example.com@",
+        "RCPT TO:<@hop:user@",
+        "VRFY <billing@",
+    ],
+)
+def test_truncated_addresses_are_malformed_not_internal_errors(
+    bridge: BridgeThread, command: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by fuzzing: the stdlib address parser raised IndexError, which answered 451."""
+    caplog.set_level(logging.ERROR)
+    with Raw(bridge.smtp_port) as raw:
+        raw.command("EHLO client.test")
+        if command.startswith("RCPT"):
+            raw.command("MAIL FROM:<alice@sender.test>")
+        reply = raw.command(command)
+        assert reply[:1] in ("5", "2") and not reply.startswith("451"), reply
+        assert raw.command("NOOP").startswith("250")
+    assert [] == [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 0 == bridge.metric("mailbridge_smtp_messages_rejected_total", reason="temp_failure")
     still_serves(bridge.smtp_port)
 
 

@@ -81,6 +81,8 @@ BUSY = "452 4.3.1 Insufficient system resources; try again later"
 SESSION_TIMEOUT_SECONDS = 600.0
 #: C0 controls (TAB aside) and DEL: never part of a hostname, address or parameter.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: What the stdlib address parser (used by aiosmtpd) raises besides HeaderParseError.
+ADDRESS_PARSER_ERRORS = (IndexError, ValueError, TypeError, AttributeError, AssertionError)
 #: A reply line's text without its CRLF (RFC 5321 §4.5.3.1.5: 512 octets with it).
 MAX_REPLY_CHARS = 510
 #: aiosmtpd decodes arguments with ``surrogateescape``: a surrogate is a byte that was not UTF-8.
@@ -269,7 +271,12 @@ class Session(SMTP):
         return True
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        address, rest = super()._getaddr(arg)
+        try:
+            address, rest = super()._getaddr(arg)
+        except ADDRESS_PARSER_ERRORS:
+            # The stdlib parser raises on some truncated forms ("<user@"): malformed, not
+            # an internal error (which would answer 451 and log a traceback per attempt).
+            return None, None
         if address and self._keep_source_route and arg.lstrip().startswith("<@"):
             # aiosmtpd drops a source route ("<@hop,@hop:user@domain>"); keep it so
             # routing sees the relay attempt and refuses it (RFC 5321 §3.6.1 allows that).
