@@ -71,6 +71,11 @@ SENDER = probe.SENDER
 RECIPIENT = probe.RECIPIENT
 
 
+def load_average() -> str:
+    """The 1-minute load average, as /proc/loadavg writes it."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -163,6 +168,19 @@ def _node(*args: str) -> Callable[[int, str, Path], tuple[list[str], dict[str, s
     return command
 
 
+def _haraka(port: int, hook: str, work: Path) -> tuple[list[str], dict[str, str]]:
+    """Haraka with bench/peers/haraka (accept every recipient, queue/discard), one process."""
+    home = work / "haraka"
+    haraka_home = BENCH / "node_modules" / "Haraka"
+    shutil.copytree(haraka_home / "config", home / "config", dirs_exist_ok=True)  # defaults
+    shutil.copytree(BENCH / "peers" / "haraka", home, dirs_exist_ok=True)
+    # nodes=0: no cluster, so the process we measure is the one doing the work.
+    (home / "config" / "smtp.ini").write_text(f"[main]\nlisten={HOST}:{port}\nnodes=0\n")
+    return ["node", str(haraka_home / "bin" / "haraka"), "-c", str(home)], {
+        "YES_REALLY_DO_DISCARD": "1"
+    }
+
+
 def _smtp_sink(port: int, hook: str, work: Path) -> tuple[list[str], dict[str, str]]:
     return ["smtp-sink", "-u", "nobody", f"{HOST}:{port}", "1024"], {}
 
@@ -183,6 +201,7 @@ SERVERS: dict[str, ServerSpec] = {
             _node("mailin.js", "{hook}", "{tmp}"),
             note="answers 250 before it posts (fire and forget)",
         ),
+        ServerSpec("haraka-discard", False, "node", _haraka),
         ServerSpec("smtp-sink", False, "postfix", _smtp_sink),
     ]
 }
@@ -344,7 +363,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def probe_period(size: int) -> float:
-    return 0.02 if size <= 10 * KB else 0.05 if size <= MB else 0.5
+    return 0.02 if size <= 10 * KB else 0.05 if size <= MB else 2.0
 
 
 async def measure(
@@ -597,6 +616,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     skipped = {name: why for name in wanted if (why := available(SERVERS[name]))}
     names = [name for name in wanted if name not in skipped]
     started_at = datetime.datetime.now(datetime.UTC)
+    loads = [load_average()]
     sink = Sink()
     await sink.start()
     servers: dict[str, Server] = {}
@@ -623,14 +643,22 @@ async def main(argv: Sequence[str] | None = None) -> int:
                     result = await measure(server, sink, cell, repeat, run_id)
                     results.append(result)
                     report_line(result)
+                    loads.append(load_average())
                     if not result.ok:  # whatever it still holds must not leak into the next run
                         await server.stop()
-                        await server.start()
+                        try:
+                            await server.start()
+                        except RuntimeError as error:
+                            skipped[name] = f"stopped measuring after a failed restart: {error}"
+                            order.remove(name)
         if args.memory_only or not (args.no_memory or args.quick or args.cells):
             for repeat in range(repeats):
                 for name, server in servers.items():
                     await server.stop()
-                    await server.start()
+                    try:
+                        await server.start()
+                    except RuntimeError:
+                        continue
                     mem = await memory_tests(server, sink, repeat)
                     memory.append(mem)
                     print(
@@ -643,6 +671,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
             await server.stop()
         await sink.stop()
     finished_at = datetime.datetime.now(datetime.UTC)
+    args.loads = loads
     report = render(results, memory, skipped, names, started_at, finished_at, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
@@ -759,6 +788,7 @@ PEERS_FOR_RATIO = [
     "smtp-server-post",
     "smtp-server-discard",
     "mailin",
+    "haraka-discard",
     "smtp-sink",
 ]
 
@@ -786,6 +816,12 @@ def render(
         "## Machine",
         "",
         *machine(),
+        f"- 1-minute load average during the run (sampled after each measurement): "
+        f"min {min(map(float, args.loads)):.1f}, "
+        f"median {statistics.median(map(float, args.loads)):.1f}, "
+        f"max {max(map(float, args.loads)):.1f} on {os.cpu_count()} cores. Above about 2, "
+        "other work shared the CPUs: msgs/s and latency then understate every server "
+        "alike (interleaving spreads the disturbance); CPU ms/msg is the steadier figure.",
         "",
         "## Servers",
         "",
@@ -802,6 +838,8 @@ def render(
         "| smtp-server-discard | nodemailer smtp-server, accepts and discards |",
         "| mailin | npm mailin 3.0.4 (SMTP → parse → multipart POST); "
         "answers 250 *before* posting |",
+        "| haraka-discard | Haraka 3.3.4, one process, accept-all recipient plugin + "
+        "queue/discard |",
         "| smtp-sink | Postfix smtp-sink (C), accepts and discards: the ceiling |",
         "",
     ]
