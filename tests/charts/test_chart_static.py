@@ -23,7 +23,7 @@ import pytest
 import yaml
 from conftest import CHART, MONITORING_APIS, SCENARIOS, VALUES_DIR, Helm
 
-from mailbridge_operator import model
+from mailbridge_operator import model, rbac
 
 VALUES = CHART / "values.yaml"
 SCHEMA = CHART / "values.schema.json"
@@ -53,6 +53,13 @@ def test_the_schemas_generated_definitions_match_the_crd_and_kubernetes() -> Non
     assert chart_sources.schema_text(chart_sources.values_schema(current)) == SCHEMA.read_text(
         encoding="utf-8"
     ), "values.schema.json is stale: run tests/charts/chart_sources.py"
+
+
+def test_the_readmes_values_table_is_generated_from_values_yaml() -> None:
+    readme = chart_sources.README.read_text(encoding="utf-8")
+    assert chart_sources.readme_with_table(readme) == readme, (
+        "charts/mailbridge/README.md's values table is stale: run tests/charts/chart_sources.py"
+    )
 
 
 def test_values_yaml_is_valid_for_the_schema() -> None:
@@ -240,3 +247,16 @@ def test_helpers_define_the_conventional_names() -> None:
         "mailbridge.selectorLabels",
         "mailbridge.serviceAccountName",
     } <= defined
+
+
+def test_the_docs_rbac_table_is_what_the_operator_declares() -> None:
+    text = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    table = text[text.index("| apiGroup | resources | verbs |") :].split("\n\n")[0]
+    documented = set()
+    for row in table.splitlines()[2:]:
+        group, resources, verbs = (cell.strip() for cell in row.strip("|").split("|"))
+        for resource in resources.split(", "):
+            for verb in verbs.split(", "):
+                documented.add((group.strip('"'), resource, verb))
+    declared = {(r.api_group, r.resource, verb) for r in rbac.RULES for verb in r.verbs}
+    assert declared == documented
