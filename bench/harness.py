@@ -772,12 +772,19 @@ def machine() -> list[str]:
     python = subprocess.run(
         [str(VENV_PY), "--version"], capture_output=True, text=True, check=False
     )
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "service"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.splitlines()
+    state = f"{len(dirty)} uncommitted changes under service/" if dirty else "clean service/"
     return [
         f"- cores: {os.cpu_count()}, CPU: {model}, memory: "
         f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // MB // 1024} GiB",
         f"- kernel: {platform.release()}; {python.stdout.strip()} (the bridge's .venv); "
         f"Node {node.stdout.strip() or 'absent'}",
-        f"- mailbridge commit: {commit.stdout.strip() or 'unknown'}",
+        f"- mailbridge commit: {commit.stdout.strip() or 'unknown'} ({state})",
     ]
 
 
