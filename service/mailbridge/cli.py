@@ -87,6 +87,7 @@ def _spool_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?")
     which.add_argument("--all-dead", action="store_true", help="every dead letter")
+    which.add_argument("--route", help="every dead letter of this route")
     purge = actions.add_parser("purge", help="delete a dead letter")
     purge.add_argument("id")
     purge.add_argument(
@@ -139,8 +140,8 @@ def _spool(args: argparse.Namespace, directory: Path) -> int:
             else:
                 print(json.dumps(admin.describe(item), indent=2, ensure_ascii=False))
         elif args.action in ("retry", "redeliver"):
-            if args.all_dead:
-                done = spool.retry_dead()
+            if args.all_dead or args.route:
+                done = spool.retry_dead(route=args.route)
                 print(f"{len(done)} dead letters handed to the bridge for retry")
             else:
                 print(spool.retry(spool.find(args.id)))

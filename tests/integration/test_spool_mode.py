@@ -363,3 +363,31 @@ def test_a_second_bridge_on_the_same_spool_refuses_to_start(tmp_path: Path) -> N
             second.__enter__()
         second.stop()
         assert 1 == second.exit_code
+
+
+def test_a_spooled_delivery_span_is_linked_to_the_message_span(tmp_path: Path) -> None:
+    """The trace context saved with the message links each later POST to its message."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    try:
+        with ReceiverThread() as rx, spool_bridge(tmp_path, route("a", ["*@a.test"], rx.url)) as b:
+            assert 250 == send(b.smtp_port, 1)[0]
+            (delivery,) = rx.wait_for(1)
+            wait_until(lambda: any(s.name == "POST" for s in memory.get_finished_spans()))
+        spans = memory.get_finished_spans()
+    finally:
+        memory.shutdown()
+    message = next(s for s in spans if s.name == "receive message")
+    post = next(s for s in spans if s.name == "POST")
+    assert post.parent is None or post.parent.span_id != message.context.span_id
+    assert [message.context.span_id] == [link.context.span_id for link in post.links]
+    assert f"{post.context.span_id:016x}" in delivery.headers["traceparent"]

@@ -152,10 +152,11 @@ class Admin:
         when = "within a second" if running else "when the bridge starts"
         return f"{item.queue_id}: will be retried {when}"
 
-    def retry_dead(self) -> list[str]:
+    def retry_dead(self, route: str | None = None) -> list[str]:
+        """Retry every dead letter (of ``route``, when given)."""
         done = []
         for item in self.items():
-            if item.where == DEAD:
+            if item.where == DEAD and (route is None or route in item.state.dead):
                 with contextlib.suppress(AdminError):
                     self.retry(item)
                     done.append(item.queue_id)
