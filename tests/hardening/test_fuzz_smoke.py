@@ -111,6 +111,7 @@ FULL = [
 @example(
     [b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<billing@\r\n"]
 )  # found by atheris: IndexError -> 451
+@example([b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@b.test>\r\nDATA\r\n.x\r\n..y\r\n.\r\n"])
 @example([b"X" * 500 + b"\r\n"])  # an echoed verb must not make the reply over-long
 def test_smtp_sessions_keep_their_invariants(chunks: list[bytes]) -> None:
     targets.smtp_session(chunks)
