@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -365,8 +365,10 @@ def test_a_second_bridge_on_the_same_spool_refuses_to_start(tmp_path: Path) -> N
         assert 1 == second.exit_code
 
 
-def test_a_spooled_delivery_span_is_linked_to_the_message_span(tmp_path: Path) -> None:
-    """The trace context saved with the message links each later POST to its message."""
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """Spans of this test only; a tracer provider installed here is removed afterwards,
+    so later tests see no tracing (OpenTelemetry's global can be set once: reset it)."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -374,20 +376,29 @@ def test_a_spooled_delivery_span_is_linked_to_the_message_span(tmp_path: Path) -
 
     memory = InMemorySpanExporter()
     provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
+    installed = not isinstance(provider, TracerProvider)
+    if installed:
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
+    assert isinstance(provider, TracerProvider)
     provider.add_span_processor(SimpleSpanProcessor(memory))
-    try:
-        with ReceiverThread() as rx, spool_bridge(tmp_path, route("a", ["*@a.test"], rx.url)) as b:
-            assert 250 == send(b.smtp_port, 1)[0]
-            (delivery,) = rx.wait_for(1)
-            wait_until(lambda: any(s.name == "POST" for s in memory.get_finished_spans()))
-        spans = memory.get_finished_spans()
-    finally:
-        memory.shutdown()
-    message = next(s for s in spans if s.name == "receive message")
-    post = next(s for s in spans if s.name == "POST")
+    yield memory
+    memory.shutdown()
+    if installed:
+        provider.shutdown()
+        trace._TRACER_PROVIDER = None
+        trace._TRACER_PROVIDER_SET_ONCE = trace.Once()
+
+
+def test_a_spooled_delivery_span_is_linked_to_the_message_span(tmp_path: Path, spans: Any) -> None:
+    """The trace context saved with the message links each later POST to its message."""
+    with ReceiverThread() as rx, spool_bridge(tmp_path, route("a", ["*@a.test"], rx.url)) as b:
+        assert 250 == send(b.smtp_port, 1)[0]
+        (delivery,) = rx.wait_for(1)
+        wait_until(lambda: any(s.name == "POST" for s in spans.get_finished_spans()))
+    finished = spans.get_finished_spans()
+    message = next(s for s in finished if s.name == "receive message")
+    post = next(s for s in finished if s.name == "POST")
     assert post.parent is None or post.parent.span_id != message.context.span_id
     assert [message.context.span_id] == [link.context.span_id for link in post.links]
     assert f"{post.context.span_id:016x}" in delivery.headers["traceparent"]
