@@ -21,6 +21,9 @@ mailin.start({
   host: '127.0.0.1', port: Number(port), webhook: hook, tmp,
   disableDkim: true, disableSpf: true, disableSpamScore: true, disableDnsLookup: true,
   logLevel: 'warn',
-  smtpOptions: { banner: 'mailin', logger: false, disabledCommands: ['AUTH', 'STARTTLS'], size: 64 * 1024 * 1024 },
+  smtpOptions: {
+    banner: 'mailin', logger: false, disabledCommands: ['AUTH', 'STARTTLS'], size: 64 * 1024 * 1024,
+    disableReverseLookup: true, // no DNS here; mailbridge does no reverse lookup either
+  },
 });
 process.on('SIGTERM', () => process.exit(0));

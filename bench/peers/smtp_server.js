@@ -63,6 +63,7 @@ function onData(stream, session, callback) {
 
 const server = new SMTPServer({
   banner: `smtp-server ${mode}`, logger: false, authOptional: true, size: MAX_BYTES,
+  disableReverseLookup: true, // no DNS here; mailbridge does no reverse lookup either
   disabledCommands: ['AUTH', 'STARTTLS'], onData,
 });
 server.listen(Number(port), '127.0.0.1');
