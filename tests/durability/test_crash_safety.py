@@ -30,7 +30,8 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from tests.support.receiver import ReceiverThread, unused_port
+from mailbridge.spool import record
+from tests.support.receiver import ReceiverThread, Reply, unused_port
 
 BIN = Path(sys.executable).parent / "mailbridge"
 SENDERS = 6
@@ -47,10 +48,16 @@ ROUNDS = [
 ROUND_LIMIT_SECONDS = 8.0
 
 
+def _subject(path: Path) -> str:
+    parsed = record.decode(path.read_bytes())
+    raw = path.read_bytes()[parsed.raw_offset : parsed.raw_offset + parsed.header.size_bytes]
+    return raw.split(b"\r\n", 1)[0].removeprefix(b"Subject: ").decode()
+
+
 class Bridge:
     """One ``mailbridge`` process on the spool; stopped by its PID only."""
 
-    def __init__(self, spool: Path, url: str, crash: str | None, log: Path) -> None:
+    def __init__(self, spool: Path, url: str, crash: str | None, log: Path, **extra: str) -> None:
         self.smtp_port, self.http_port = unused_port(), unused_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILBRIDGE_", "OTEL_"))}
         env |= {
@@ -68,6 +75,7 @@ class Bridge:
         }
         if crash:
             env["MAILBRIDGE_TEST_SPOOL_CRASH"] = crash
+        env |= extra
         self._log = log.open("a")
         self.proc = subprocess.Popen(
             [str(BIN)], env=env, stdout=self._log, stderr=self._log, cwd=spool.parent
@@ -206,3 +214,54 @@ def test_every_message_answered_250_survives_repeated_kill_9(tmp_path: Path) -> 
     assert [] == sorted(p.name for p in (spool / "corrupt").iterdir()), report
     leftovers = [p.name for d in ("queue", "active", "tmp", "dead") for p in (spool / d).iterdir()]
     assert [] == leftovers, report
+
+
+def test_sigterm_under_load_with_a_slow_webhook_exits_in_bounds_and_keeps_everything(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while senders push and every webhook answer takes 2 s: the bridge finishes
+    its SMTP transactions, gives attempts in flight 1 s, exits; the next start delivers
+    every acknowledged message, with the same webhook-id as any earlier attempt."""
+    spool, log = tmp_path / "spool", tmp_path / "bridge.log"
+    with ReceiverThread(default=Reply.slow(2.0)) as slow:
+        bridge = Bridge(
+            spool, slow.url, None, log,
+            MAILBRIDGE_SPOOL__SHUTDOWN_GRACE_SECONDS="1",
+            MAILBRIDGE_SMTP__SHUTDOWN_GRACE_SECONDS="3",
+        )  # fmt: skip
+        senders = Senders()
+        senders.port = bridge.smtp_port
+        senders.start()
+        time.sleep(1.5)
+        started = time.monotonic()
+        os.kill(bridge.proc.pid, signal.SIGTERM)
+        code = bridge.proc.wait(timeout=30)
+        drain_seconds = time.monotonic() - started
+        bridge._log.close()
+        senders.stop()
+        first_ids = {d.json["subject"]: d.webhook_id for d in slow.deliveries}
+    accepted = set(senders.accepted)
+    # Delivered before the stop: the bridge saw the 2xx and removed the file.
+    left = sorted(p.name for p in (spool / "queue").iterdir())
+    left_subjects = {_subject(spool / "queue" / name) for name in left}
+    in_flight_after_stop = sorted(p.name for p in (spool / "active").iterdir())
+    with ReceiverThread() as rx:
+        final = Bridge(spool, rx.url, None, log)
+        deadline = time.monotonic() + 30
+        while len({d.json["subject"] for d in rx.deliveries}) < len(left):
+            assert time.monotonic() < deadline, "the spool was not delivered after the restart"
+            time.sleep(0.05)
+        time.sleep(0.3)  # let the last removals land
+        assert 0 == final.terminate()
+    after = {d.json["subject"] for d in rx.deliveries}
+    print(f"accepted={len(accepted)} left in spool={len(left)} drain={drain_seconds:.2f}s")
+    assert 0 == code
+    assert set() == accepted - set(first_ids) - after, "acknowledged and never delivered"
+    assert set() == left_subjects - after, "left in the spool and not delivered after the restart"
+    assert [] == sorted(p.name for d in ("queue", "active") for p in (spool / d).iterdir())
+    assert drain_seconds < 1 + 3 + 2  # both graces, plus start-up slack
+    assert len(accepted) > 20
+    assert left, "a slow webhook must leave mail in the spool at shutdown"
+    assert [] == in_flight_after_stop  # cut-short attempts went back to the queue
+    later_ids = {d.json["subject"]: d.webhook_id for d in rx.deliveries}
+    assert all(later_ids.get(s, i) == i for s, i in first_ids.items())
