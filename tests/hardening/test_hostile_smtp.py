@@ -284,3 +284,57 @@ def test_many_sequential_sessions_leave_nothing_behind(
         assert time.monotonic() < deadline
         time.sleep(0.02)
     still_serves(strict_bridge.smtp_port, rcpt="billing@example.com")
+
+
+def test_a_client_that_pipelines_without_reading_replies_is_dropped_at_the_deadline(
+    impatient: BridgeThread,
+) -> None:
+    """Found while testing: each command re-armed the timer at the deadline (so it never
+    fired), a burst never yielded to the loop, and close() waited for the client to
+    read. Now the slot is freed while the client still holds its socket unread."""
+    with socket.socket() as sock:
+        # A small receive window: the bridge's replies back up quickly.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(0.5)
+        sock.connect(("127.0.0.1", impatient.smtp_port))
+        burst = b"HELP\r\n" * 10_000  # short commands, long replies
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(burst)
+            except OSError:  # TimeoutError: the server stopped reading (back-pressure)
+                break
+        # Not reading, not closing: the bridge must let go by itself.
+        deadline = time.monotonic() + 15
+        while impatient.metric("mailbridge_smtp_sessions_active") > 0:
+            assert time.monotonic() < deadline, "the session outlived its deadline"
+            time.sleep(0.05)
+        with Raw(impatient.smtp_port) as other:  # the loop was not starved meanwhile
+            assert other.command("NOOP").startswith("250")
+    still_serves(impatient.smtp_port)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\n", id="v1-garbage"),
+        pytest.param(b"PROXY " + b"A" * 300 + b"\r\n", id="v1-overlong"),
+        pytest.param(b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff" + b"\x00" * 64, id="v2-bad-length"),
+        pytest.param(b"EHLO client.test\r\n", id="no-header"),
+    ],
+)
+def test_bad_proxy_headers_are_refused_and_the_listener_goes_on(
+    receiver: ReceiverThread, header: bytes
+) -> None:
+    with BridgeThread(
+        routes=[route("r", ["*"], receiver.url)],
+        smtp={"proxy_protocol": True, "proxy_timeout_seconds": 1},
+    ) as bridge:
+        with Raw(bridge.smtp_port, greet=False) as raw:
+            raw.send(header)
+            assert raw.closed()
+        with Raw(bridge.smtp_port, greet=False) as raw:
+            raw.send(b"PROXY TCP4 203.0.113.9 10.0.0.1 40000 25\r\n")
+            assert raw.reply().startswith("220 ")
+            assert raw.command("EHLO client.test").startswith("250")
+        assert 0 == bridge.metric("mailbridge_smtp_messages_rejected_total", reason="temp_failure")

@@ -21,7 +21,11 @@ What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
   are closed;
 * admission: total and per-client-IP session caps (``421 4.7.0`` and close),
   with the client IP taken from a PROXY header when that is enabled;
-* every reply starting ``421`` closes the connection after it is sent.
+* every reply starting ``421`` closes the connection after it is sent (aborted
+  if the client does not read it within :data:`CLOSE_GRACE_SECONDS`); a timeout
+  aborts the connection, so a client that never reads cannot hold its slot;
+* one reply per event-loop turn, so one client's pipelined burst cannot starve
+  the timers and the other sessions.
 
 Decisions about addresses and messages live in :mod:`mailbridge.smtp.handler`.
 """
@@ -79,6 +83,8 @@ BUSY = "452 4.3.1 Insufficient system resources; try again later"
 #: busy it keeps itself with NOOP, RSET or refused commands (each of which restarts
 #: aiosmtpd's per-command timer). Setting ``smtp.session_timeout_seconds`` when present.
 SESSION_TIMEOUT_SECONDS = 600.0
+#: After a 421, time the client has to read it before the connection is aborted.
+CLOSE_GRACE_SECONDS = 5.0
 #: C0 controls (TAB aside) and DEL: never part of a hostname, address or parameter.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: What the stdlib address parser (used by aiosmtpd) raises besides HeaderParseError.
@@ -221,13 +227,35 @@ class Session(SMTP):
         """Restart the timer; a command's timeout never runs past the session deadline.
 
         aiosmtpd restarts its timer with each recognised command, so a client
-        trickling ``NOOP`` one byte a second would stay forever. DATA passes its own
+        trickling ``NOOP`` one byte a second would stay forever. The timer is set
+        at an absolute time, so a client pipelining commands faster than it can
+        expire cannot push the deadline on either. DATA passes its own
         ``duration`` (the whole-transfer timeout) and is not cut short.
         """
-        if duration is None:
-            remaining = self._deadline - self.loop.time()
-            duration = max(min(self._timeout_duration, remaining), 0.001)
-        super()._reset_timeout(duration)
+        if duration is not None:
+            super()._reset_timeout(duration)
+            return
+        when = min(self.loop.time() + self._timeout_duration, self._deadline)
+        handle = self._timeout_handle
+        if handle is not None:
+            if not handle.cancelled() and handle.when() == when:
+                return  # at the deadline: re-arming it each command would keep it from firing
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(when, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        """Drop the connection without flushing: a client that stopped reading our
+        replies would otherwise hold its slot (and buffers) for ever."""
+        log.info("SMTP session timed out")
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close_soon(self) -> None:
+        """Close after sending what is queued; abort if the client does not read it."""
+        assert self.transport is not None
+        transport = self.transport
+        transport.close()
+        self.loop.call_later(CLOSE_GRACE_SECONDS, transport.abort)
 
     # --- replies ---------------------------------------------------------
     async def push(self, status: AnyStr) -> None:
@@ -239,12 +267,17 @@ class Session(SMTP):
             reply = enhance(reply)  # EHLO/HELO greet plainly, their errors do not
         reply = reply[:MAX_REPLY_CHARS]
         if self.transport is None or self.transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost end the session
             return
         await super().push(reply)
         if reply.startswith("530"):  # aiosmtpd's require_starttls gate
             self.metrics.reject("tls_required")
         if reply.startswith("421"):
-            self.transport.close()
+            self._close_soon()
+            return
+        # One reply per turn of the event loop: a client pipelining a large burst
+        # must not keep timers and other sessions waiting until its buffer is empty.
+        await asyncio.sleep(0)
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):
