@@ -10,9 +10,11 @@ template file and the conventional helper names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
+import tarfile
 import tomllib
 from collections.abc import Iterator
 from typing import Any
@@ -260,3 +262,29 @@ def test_the_docs_rbac_table_is_what_the_operator_declares() -> None:
                 documented.add((group.strip('"'), resource, verb))
     declared = {(r.api_group, r.resource, verb) for r in rbac.RULES for verb in r.verbs}
     assert declared == documented
+
+
+def test_the_packaged_chart_holds_the_crd_rules_and_dashboards(
+    helm: Helm, tmp_path: pathlib.Path
+) -> None:
+    digests = []
+    for attempt in ("a", "b"):
+        helm.run("package", str(CHART), "--destination", str(tmp_path / attempt))
+        (archive,) = (tmp_path / attempt).glob("mailbridge-*.tgz")
+        digests.append(hashlib.sha256(archive.read_bytes()).hexdigest())
+    with tarfile.open(archive) as tar:
+        names = {name.removeprefix("mailbridge/") for name in tar.getnames()}
+    expected = {
+        "Chart.yaml",
+        "values.yaml",
+        "values.schema.json",
+        "README.md",
+        "crds/mailbridges.mailbridge.io.yaml",
+        "rules/mailbridge.rules.yaml",
+        "templates/NOTES.txt",
+        "templates/_helpers.tpl",
+        "templates/tests/test-operator.yaml",
+    } | {f"dashboards/{p.name}" for p in (CHART / "dashboards").glob("*.json")}
+    assert expected <= names
+    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".orig", "~"))]
+    assert digests[0] == digests[1], "helm package is not reproducible"
