@@ -129,7 +129,9 @@ class InstalledOperator:
         self.args = args
         bin_dir = pathlib.Path(sys.executable).parent
         command = [str(bin_dir / container["command"][0]), *args]
-        env = cluster.env() | {e["name"]: e["value"] for e in container.get("env", [])}
+        env = cluster.env() | {
+            e["name"]: e["value"] for e in container.get("env", []) if "value" in e
+        }
         self.log_path = log
         self._log = log.open("w")
         self.process = subprocess.Popen(
