@@ -33,14 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from mailbridge.spool import record
-from mailbridge.spool.store import QUEUE, TMP, Store, fsync_dir, write_file
+from mailbridge.spool.store import QUEUE, TMP, Store, create_file, fsync_dir
 
 log = logging.getLogger("mailbridge.spool")
 
 CRASH_ENV = "MAILBRIDGE_TEST_SPOOL_CRASH"
 CRASH_POINTS = ("written", "synced", "renamed", "committed")
 #: Most messages in one sync round.
-MAX_BATCH = 512
+MAX_BATCH = 128
 #: Threads writing and syncing one batch's files in parallel.
 SYNC_THREADS = 8
 
@@ -140,24 +140,41 @@ class Committer:
 
     # --- in the thread ----------------------------------------------------------
 
-    def _write_one(self, item: _Pending) -> None:
+    def _write_one(self, item: _Pending) -> int | None:
+        """Create and fill ``tmp/<id>``; returns the open descriptor (None on failure)."""
         path = self._store.path(TMP, item.header.queue_id)
         try:
-            item.size = write_file(
-                path,
-                record.encode(item.header, item.raw),
-                fsync=self._fsync,
-                before_sync=lambda: self._crash.reached("written"),
-            )
+            fd, item.size = create_file(path, record.encode(item.header, item.raw))
         except OSError as error:
             item.error = error
+            return None
+        self._crash.reached("written")
+        return fd
+
+    def _sync(self, work: list[tuple[_Pending, int]]) -> None:
+        for item, fd in work:
+            try:
+                os.fdatasync(fd)
+            except OSError as error:
+                item.error = error
 
     def _write_batch(self, batch: list[_Pending]) -> None:
-        if len(batch) == 1 or not self._fsync:
-            for item in batch:
-                self._write_one(item)
-        else:  # syncs in parallel: the file system folds them into few journal commits
-            list(self._pool.map(self._write_one, batch))
+        # Writes go to the page cache: one thread is enough. The syncs run from a few
+        # threads at once, so the file system folds them into few journal commits.
+        work = [(item, fd) for item in batch if (fd := self._write_one(item)) is not None]
+        try:
+            if self._fsync and len(work) > 1:
+                slices = [work[n::SYNC_THREADS] for n in range(min(SYNC_THREADS, len(work)))]
+                list(self._pool.map(self._sync, slices))
+            elif self._fsync:
+                self._sync(work)
+        finally:
+            for _item, fd in work:
+                os.close(fd)
+        for item, _fd in work:
+            if item.error is not None:
+                with contextlib.suppress(OSError):
+                    self._store.path(TMP, item.header.queue_id).unlink()
         self._crash.reached("synced")
         renamed = []
         for item in batch:

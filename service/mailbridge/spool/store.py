@@ -280,6 +280,24 @@ class Store:
         path.unlink()
 
 
+def create_file(path: Path, chunks: list[bytes]) -> tuple[int, int]:
+    """Create ``path`` with ``chunks``, not synced; returns (open descriptor, bytes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        total = sum(len(chunk) for chunk in chunks)
+        written = os.writev(fd, chunks)
+        if written != total:  # a short write (large chunks, signals): finish it
+            data = b"".join(chunks)[written:]
+            while data:
+                data = data[os.write(fd, data) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return fd, total
+
+
 def write_file(
     path: Path,
     chunks: list[bytes],
