@@ -3,12 +3,32 @@
 Pure bookkeeping, shared by every session of one listener; the session asks
 :meth:`SessionLimits.admit` once it knows the client's IP (after the PROXY header
 when that is enabled) and calls :meth:`release` when the connection ends.
-:class:`DataBudget` caps the DATA bytes all sessions hold in memory at once.
+IPv6 clients are counted per /64 (:func:`client_key`). :class:`DataBudget` caps
+the DATA bytes all sessions hold in memory at once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
+
+#: IPv6 clients are counted per /64: one host usually holds a whole /64, so
+#: counting single addresses would let it open any number of sessions.
+IPV6_PREFIX_BITS = 64
+
+
+def client_key(ip: str) -> str:
+    """What the per-IP cap counts: the IPv4 address, or the IPv6 /64 (an IPv4-mapped
+    IPv6 address counts as its IPv4 address); unparsable text as itself."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX_BITS), strict=False))
+    return str(address)
 
 
 class SessionLimits:
@@ -33,15 +53,17 @@ class SessionLimits:
             return "shutting_down"
         if self.active >= self.max_sessions:
             return "max_sessions"
-        if self._per_ip[ip] >= self.max_sessions_per_ip:
+        key = client_key(ip)
+        if self._per_ip[key] >= self.max_sessions_per_ip:
             return "max_sessions_per_ip"
-        self._per_ip[ip] += 1
+        self._per_ip[key] += 1
         return None
 
     def release(self, ip: str) -> None:
-        self._per_ip[ip] -= 1
-        if self._per_ip[ip] <= 0:
-            del self._per_ip[ip]
+        key = client_key(ip)
+        self._per_ip[key] -= 1
+        if self._per_ip[key] <= 0:
+            del self._per_ip[key]
 
 
 #: Default process-wide cap on DATA bytes buffered at once (see :class:`DataBudget`).
