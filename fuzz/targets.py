@@ -63,7 +63,7 @@ SMTP = SmtpSettings(
 BUDGET_BYTES = 2 * data.wire_cap(SMTP.max_message_size_bytes)
 PARSING = ParsingSettings(header_prefixes=["X-"], max_inline_attachment_bytes=1024)
 _REPLY_LINE = re.compile(rb"^[2-5]\d\d[ -][^\x00-\x08\x0a-\x1f\x7f]*$")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _loop() -> asyncio.AbstractEventLoop:

@@ -85,8 +85,8 @@ BUSY = "452 4.3.1 Insufficient system resources; try again later"
 SESSION_TIMEOUT_SECONDS = 600.0
 #: After a 421, time the client has to read it before the connection is aborted.
 CLOSE_GRACE_SECONDS = 5.0
-#: C0 controls (TAB aside) and DEL: never part of a hostname, address or parameter.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: C0 controls (TAB aside), DEL and C1 controls: never part of a hostname, address or parameter.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 #: What the stdlib address parser (used by aiosmtpd) raises besides HeaderParseError.
 ADDRESS_PARSER_ERRORS = (IndexError, ValueError, TypeError, AttributeError, AssertionError)
 #: A reply line's text without its CRLF (RFC 5321 §4.5.3.1.5: 512 octets with it).
