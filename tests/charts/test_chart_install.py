@@ -22,7 +22,7 @@ import emulator
 import pytest
 import yaml
 from chart_cluster import InstalledOperator, Rollout, refused_requests, run_test_pods
-from conftest import CHART, CRD_PATH, EXAMPLE_PATH, VALUES_DIR, Helm
+from chart_tools import CHART, CRD_PATH, EXAMPLE_PATH, VALUES_DIR, Helm
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,8 +21,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from chart_tools import CHART, SCENARIOS, VALUES_DIR, Helm, of_kind, one
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
-from conftest import CHART, SCENARIOS, VALUES_DIR, CrdSchema, Helm, of_kind, one
+from crdschema import CrdSchema
 
 from mailbridge_operator import cli, model, rbac, render
 

@@ -23,7 +23,7 @@ import chart_sources
 import jsonschema
 import pytest
 import yaml
-from conftest import CHART, MONITORING_APIS, SCENARIOS, VALUES_DIR, Helm
+from chart_tools import CHART, MONITORING_APIS, SCENARIOS, VALUES_DIR, Helm
 
 from mailbridge_operator import model, rbac
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CHART, ROOT, Helm, one
+from chart_tools import CHART, ROOT, Helm, one
 
 from mailbridge import config
 from mailbridge_operator import model, render
