@@ -28,29 +28,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
-        "-n", "--namespace", action="append", default=[], metavar="NAMESPACE",
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NAMESPACE",
         help="watch this namespace (repeatable; globs like team-* work); default: all",
     )
     scope.add_argument(
-        "-A", "--all-namespaces", action="store_true",
+        "-A",
+        "--all-namespaces",
+        action="store_true",
         help="watch MailBridges in every namespace (the default)",
     )
     parser.add_argument(
-        "--health-address", default="0.0.0.0:8081", metavar="HOST:PORT",
+        "--health-address",
+        default="0.0.0.0:8081",
+        metavar="HOST:PORT",
         help="where to serve the liveness endpoint /healthz (default: %(default)s)",
     )
     parser.add_argument(
-        "--metrics-address", default="0.0.0.0:8082", metavar="HOST:PORT",
+        "--metrics-address",
+        default="0.0.0.0:8082",
+        metavar="HOST:PORT",
         help="where to serve Prometheus /metrics; empty to disable (default: %(default)s)",
     )
     parser.add_argument(
-        "--peering", metavar="NAME",
+        "--peering",
+        metavar="NAME",
         help="coordinate several operator replicas through this kopf peering object",
     )
     parser.add_argument("--verbose", action="store_true", help="log handler details")
     parser.add_argument("--debug", action="store_true", help="log every API request")
     parser.add_argument(
-        "--log-format", choices=("json", "plain", "full"), default="json",
+        "--log-format",
+        choices=("json", "plain", "full"),
+        default="json",
         help="json: one object per line (default); plain/full: for humans",
     )
     return parser

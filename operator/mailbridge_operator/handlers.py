@@ -101,8 +101,9 @@ async def spec_changed(
         return
     if body.status.get("observedGeneration") == body.metadata.get("generation"):
         return
-    await _reconcile_by_name(memo, body.metadata.namespace or "", body.metadata.name or "",
-                             logger, uid=body.metadata.uid)
+    await _reconcile_by_name(
+        memo, body.metadata.namespace or "", body.metadata.name or "", logger, uid=body.metadata.uid
+    )
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
@@ -147,8 +148,9 @@ async def child_changed(
         return
     for ref in body.metadata.get("ownerReferences", []):
         if ref.get("kind") == model.KIND and str(ref.get("apiVersion", "")).startswith(GROUP):
-            await _reconcile_by_name(memo, body.metadata.namespace or "", ref["name"], logger,
-                                     uid=ref.get("uid"))
+            await _reconcile_by_name(
+                memo, body.metadata.namespace or "", ref["name"], logger, uid=ref.get("uid")
+            )
 
 
 async def _reconcile_by_name(

@@ -50,8 +50,9 @@ class ApiError(Exception):
 
 def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
     """The credentials to use: the pod's service account, else ``$KUBECONFIG``."""
-    return (kopf.login_with_service_account(settings=settings, **kwargs)
-            or kopf.login_with_kubeconfig(settings=settings, **kwargs))
+    return kopf.login_with_service_account(
+        settings=settings, **kwargs
+    ) or kopf.login_with_kubeconfig(settings=settings, **kwargs)
 
 
 def path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
@@ -69,8 +70,13 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
 class Api:
     """One session to the API server, opened lazily, re-authenticated on 401."""
 
-    def __init__(self, settings: kopf.OperatorSettings, *, timeout_seconds: float = 30,
-                 logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        settings: kopf.OperatorSettings,
+        *,
+        timeout_seconds: float = 30,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self._settings = settings
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
@@ -94,26 +100,42 @@ class Api:
     async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply: create or update the fields the operator owns."""
         metadata = manifest["metadata"]
-        url = path(manifest["apiVersion"], manifest["kind"], metadata.get("namespace"),
-                   metadata["name"])
+        url = path(
+            manifest["apiVersion"], manifest["kind"], metadata.get("namespace"), metadata["name"]
+        )
         query = {"fieldManager": FIELD_MANAGER, "force": "true"}
         status, body = await self._request(
-            "PATCH", url, params=query, body=manifest,
+            "PATCH",
+            url,
+            params=query,
+            body=manifest,
             content_type="application/apply-patch+yaml",
         )
         if status == 404:
-            raise ApiError(404, f"the {manifest['apiVersion']} {manifest['kind']} API is not "
-                                "served (is its CustomResourceDefinition installed?)")
+            raise ApiError(
+                404,
+                f"the {manifest['apiVersion']} {manifest['kind']} API is not "
+                "served (is its CustomResourceDefinition installed?)",
+            )
         return _checked(status, body)
 
-    async def delete(self, api_version: str, kind: str, namespace: str | None, name: str,
-                     *, uid: str | None = None) -> bool:
+    async def delete(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        *,
+        uid: str | None = None,
+    ) -> bool:
         """Delete (only that ``uid`` when given); ``False`` when it was already gone."""
         options: dict[str, Any] = {"propagationPolicy": "Background"}
         if uid is not None:
             options["preconditions"] = {"uid": uid}
         status, body = await self._request(
-            "DELETE", path(api_version, kind, namespace, name), body=options,
+            "DELETE",
+            path(api_version, kind, namespace, name),
+            body=options,
             content_type="application/json",
         )
         if status in (404, 409):
@@ -121,18 +143,33 @@ class Api:
         _checked(status, body)
         return True
 
-    async def patch_status(self, api_version: str, kind: str, namespace: str | None, name: str,
-                           status_patch: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        status_patch: Mapping[str, Any],
+    ) -> dict[str, Any]:
         """Merge-patch the status subresource."""
         url = path(api_version, kind, namespace, name) + "/status"
         status, body = await self._request(
-            "PATCH", url, body={"status": dict(status_patch)},
+            "PATCH",
+            url,
+            body={"status": dict(status_patch)},
             content_type="application/merge-patch+json",
         )
         return _checked(status, body)
 
-    async def _request(self, method: str, url: str, *, params: Mapping[str, str] | None = None,
-                       body: Any = None, content_type: str | None = None) -> tuple[int, Any]:
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> tuple[int, Any]:
         for attempt in (1, 2):
             session = await self._open()
             headers = {"Accept": "application/json"}
@@ -140,8 +177,9 @@ class Api:
             if body is not None:
                 headers["Content-Type"] = content_type or "application/json"
                 data = json.dumps(body)
-            async with session.request(method, self._server + url, params=params, data=data,
-                                       headers=headers) as response:
+            async with session.request(
+                method, self._server + url, params=params, data=data, headers=headers
+            ) as response:
                 text = await response.text()
                 if response.status == 401 and attempt == 1:
                     self._logger.info("The API refused the credentials; logging in again.")

@@ -14,8 +14,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 OUTCOMES = ("settled", "waiting", "invalid", "failed")
-KINDS = ("ConfigMap", "Service", "Deployment", "StatefulSet", "ServiceMonitor",
-         "PodDisruptionBudget")
+KINDS = (
+    "ConfigMap",
+    "Service",
+    "Deployment",
+    "StatefulSet",
+    "ServiceMonitor",
+    "PodDisruptionBudget",
+)
 ACTIONS = ("Created", "Updated", "Deleted")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -23,7 +29,8 @@ RECONCILIATIONS = Counter(
     "mailbridge_operator_reconciliations_total",
     "Reconciliations of a MailBridge, by outcome (settled: ready and rolled out; waiting: "
     "pods not ready yet; invalid: the spec was refused; failed: the API refused a change).",
-    ["outcome"], registry=REGISTRY,
+    ["outcome"],
+    registry=REGISTRY,
 )
 RECONCILE_DURATION = Histogram(
     "mailbridge_operator_reconcile_duration_seconds",
@@ -34,7 +41,8 @@ RECONCILE_DURATION = Histogram(
 CHANGES = Counter(
     "mailbridge_operator_child_changes_total",
     "Children the operator created, updated (drift or new spec) or deleted, by kind.",
-    ["kind", "action"], registry=REGISTRY,
+    ["kind", "action"],
+    registry=REGISTRY,
 )
 for _outcome in OUTCOMES:
     RECONCILIATIONS.labels(_outcome)
@@ -53,8 +61,9 @@ def observe(outcome: str, seconds: float, changes: tuple[tuple[str, str], ...]) 
 
 
 async def _metrics(_: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(REGISTRY), headers={
-        "Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def serve(host: str, port: int) -> web.AppRunner:

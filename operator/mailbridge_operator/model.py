@@ -91,8 +91,7 @@ def parse_duration(value: Any) -> Any:
         if not DURATION_RE.match(value):
             raise ValueError(f"{value!r} is not a duration such as 30s, 5m, 1h or 500ms")
         return sum(
-            int(amount) * DURATION_FACTORS[unit]
-            for amount, unit in DURATION_PART_RE.findall(value)
+            int(amount) * DURATION_FACTORS[unit] for amount, unit in DURATION_PART_RE.findall(value)
         )
     return value
 

@@ -57,8 +57,9 @@ RULES: tuple[Rule, ...] = (
     Rule("monitoring.coreos.com", "servicemonitors", ("get", "create", "patch", "delete")),
     Rule("", "secrets", ("get", "list", "watch")),
     Rule("", "events", ("create",)),
-    Rule("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"),
-         cluster_scoped=True),
+    Rule(
+        "apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"), cluster_scoped=True
+    ),
     Rule("", "namespaces", ("list", "watch"), cluster_scoped=True),
 )
 

@@ -122,8 +122,9 @@ async def reconcile(
             if verb:
                 changes.append((manifest["kind"], verb))
         where = "removing unwanted children"
-        removed = await _prune(api, owner, keep={manifest["kind"] for manifest in manifests},
-                               logger=logger)
+        removed = await _prune(
+            api, owner, keep={manifest["kind"] for manifest in manifests}, logger=logger
+        )
         changes.extend((kind, "Deleted") for kind in removed)
     except kube.ApiError as error:
         apply_error = f"{where}: {error}"
@@ -146,8 +147,12 @@ async def reconcile(
     if apply_error and _changed_reason(previous, new, status.DEGRADED):
         _event(owner, "Warning", "ApplyFailed", _short(apply_error))
     if missing and _changed_reason(previous, new, status.DEGRADED):
-        _event(owner, "Warning", "SecretNotFound", _short(
-            status.condition(new, status.DEGRADED)["message"]))  # type: ignore[index]
+        _event(
+            owner,
+            "Warning",
+            "SecretNotFound",
+            _short(status.condition(new, status.DEGRADED)["message"]),
+        )  # type: ignore[index]
     if _changed_reason(previous, new, status.READY) and status.is_true(new, status.READY):
         _event(owner, "Normal", "Ready", "every replica is ready to accept mail")
     return Outcome(new, apply_error=apply_error, changes=tuple(changes))
@@ -232,8 +237,9 @@ async def _write_status(
     if new != previous:
         patch: dict[str, Any] = {key: None for key in previous if key not in new} | new
         metadata = owner["metadata"]
-        await api.patch_status(model.API_VERSION, model.KIND, metadata["namespace"],
-                               metadata["name"], patch)
+        await api.patch_status(
+            model.API_VERSION, model.KIND, metadata["namespace"], metadata["name"], patch
+        )
     return new
 
 
@@ -271,7 +277,10 @@ def _changed_reason(previous: Mapping[str, Any], new: Mapping[str, Any], kind: s
     if old is None:
         return now.get("status") == "True"
     return (old.get("status"), old.get("reason"), old.get("message")) != (
-        now.get("status"), now.get("reason"), now.get("message"))
+        now.get("status"),
+        now.get("reason"),
+        now.get("message"),
+    )
 
 
 def _event(owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:

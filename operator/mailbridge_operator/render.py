@@ -143,8 +143,8 @@ def bridge_settings(name: str, namespace: str, spec: model.MailBridgeSpec) -> co
         },
         "spool": {
             "directory": SPOOL_DIR,
-            "max_bytes": delivery.spool.max_size or int(
-                model.parse_size(spec.persistence.size) * SPOOL_SHARE_OF_VOLUME),
+            "max_bytes": delivery.spool.max_size
+            or int(model.parse_size(spec.persistence.size) * SPOOL_SHARE_OF_VOLUME),
             "max_messages": delivery.spool.max_messages,
             "max_age_seconds": delivery.spool.max_age,
             "delivery_workers": delivery.spool.workers,
@@ -231,9 +231,7 @@ def workload_kind(spec: model.MailBridgeSpec) -> str:
     return "StatefulSet" if spec.persistence.enabled else "Deployment"
 
 
-def _metadata(
-    name: str, child: str, namespace: str, spec: model.MailBridgeSpec
-) -> dict[str, Any]:
+def _metadata(name: str, child: str, namespace: str, spec: model.MailBridgeSpec) -> dict[str, Any]:
     return {"name": child, "namespace": namespace, "labels": labels(name, spec)}
 
 

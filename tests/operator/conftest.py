@@ -87,7 +87,8 @@ def start_operator(
 
     def start(*args: str) -> emulator.OperatorProcess:
         process = emulator.OperatorProcess(
-            cluster, tmp_path / f"operator-{len(started)}.log", *args)
+            cluster, tmp_path / f"operator-{len(started)}.log", *args
+        )
         started.append(process)
         process.wait_started()
         return process
@@ -98,11 +99,13 @@ def start_operator(
         codes.append(process.stop())
         print(f"--- operator log (exit {codes[-1]}) ---\n{process.log(200)}")
     assert all(code == 0 for code in codes), f"the operator did not stop cleanly: {codes}"
-    refused = sorted({
-        f"{call.verb} {call.api_group or 'core'}/{call.resource}"
-        for call in cluster.resource_requests(*emulator.OPERATOR_AGENTS)
-        if not rbac.allows(*call.permission)
-    })
+    refused = sorted(
+        {
+            f"{call.verb} {call.api_group or 'core'}/{call.resource}"
+            for call in cluster.resource_requests(*emulator.OPERATOR_AGENTS)
+            if not rbac.allows(*call.permission)
+        }
+    )
     assert [] == refused, "the operator used permissions rbac.RULES does not grant"
 
 
@@ -112,4 +115,3 @@ def operator(
 ) -> emulator.OperatorProcess:
     """The real ``mailbridge-operator`` watching every namespace of the emulated cluster."""
     return start_operator("--all-namespaces")
-

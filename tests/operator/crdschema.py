@@ -29,9 +29,17 @@ import celpy
 import jsonschema
 import yaml
 
-_DROPPED = {"x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
-            "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
-            "x-kubernetes-embedded-resource", "nullable", "format", "default"}
+_DROPPED = {
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-embedded-resource",
+    "nullable",
+    "format",
+    "default",
+}
 
 
 def to_json_schema(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,6 +122,7 @@ class CrdSchema:
 
     def rules(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
         """Every CEL rule with the schema path where it is declared."""
+
         def visit(node: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
             for rule in node.get("x-kubernetes-validations", []):
                 yield path, rule
@@ -123,6 +132,7 @@ class CrdSchema:
                 yield from visit(node["additionalProperties"], f"{path}.*")
             if "items" in node:
                 yield from visit(node["items"], f"{path}[*]")
+
         yield from visit(self.schema, "")
 
     def defaulted(self, obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,8 +172,10 @@ class CrdSchema:
             if len(seen) != len(set(seen)):
                 return [f"{path}: duplicate entries in a set"]
         if kind == "map":
-            keys = [tuple(item.get(k) for k in node.get("x-kubernetes-list-map-keys", []))
-                    for item in value]
+            keys = [
+                tuple(item.get(k) for k in node.get("x-kubernetes-list-map-keys", []))
+                for item in value
+            ]
             if len(keys) != len(set(keys)):
                 map_keys = node.get("x-kubernetes-list-map-keys")
                 return [f"{path}: duplicate entries for keys {map_keys}"]

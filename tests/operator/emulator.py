@@ -80,16 +80,28 @@ OPERATOR_AGENTS = ("kopf/", "mailbridge-operator")  # User-Agents of the operato
 KUBECTL = pathlib.Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kubectl"
 SEEDED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 VERSION_INFO = {
-    "major": "1", "minor": "35", "gitVersion": "v1.35.0-emulated",
-    "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
-    "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25", "compiler": "gc",
+    "major": "1",
+    "minor": "35",
+    "gitVersion": "v1.35.0-emulated",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.25",
+    "compiler": "gc",
     "platform": "linux/amd64",
 }
 # Lists merged by key in strategic merge patches and server-side apply.
 MERGE_KEYS = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name",
-    "volumes": "name", "volumeMounts": "name", "env": "name", "imagePullSecrets": "name",
-    "ports": "containerPort|port", "conditions": "type", "ownerReferences": "uid",
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "volumes": "name",
+    "volumeMounts": "name",
+    "env": "name",
+    "imagePullSecrets": "name",
+    "ports": "containerPort|port",
+    "conditions": "type",
+    "ownerReferences": "uid",
     "hostAliases": "ip",
 }
 PRIMITIVE_SETS = {"finalizers"}  # merged as sets; every other list is replaced whole
@@ -107,8 +119,15 @@ class ApiError(Exception):
         self.code, self.reason, self.message, self.details = code, reason, message, details
 
     def status(self) -> Obj:
-        body: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                     "message": self.message, "reason": self.reason, "code": self.code}
+        body: Obj = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
         if self.details:
             body["details"] = self.details
         return body
@@ -116,8 +135,14 @@ class ApiError(Exception):
 
 def _not_found(resource: kmock.resource, name: str | None) -> ApiError:
     what = f"{resource.plural}.{resource.group}" if resource.group else str(resource.plural)
-    return ApiError(404, "NotFound", f'{what} "{name}" not found',
-                    name=name, group=resource.group, kind=resource.plural)
+    return ApiError(
+        404,
+        "NotFound",
+        f'{what} "{name}" not found',
+        name=name,
+        group=resource.group,
+        kind=resource.plural,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,10 +201,17 @@ class Emulator(kmock.KubernetesEmulator):
         # Deliberately not kmock's fallbacks: this class serves the whole API in _handle().
         self.resources.load_bundled()
         for namespace in SEEDED_NAMESPACES:
-            self._store_new(kmock.resource("", "v1", "namespaces"), None, {
-                "apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": namespace}, "spec": {"finalizers": ["kubernetes"]},
-                "status": {"phase": "Active"}})
+            self._store_new(
+                kmock.resource("", "v1", "namespaces"),
+                None,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": namespace},
+                    "spec": {"finalizers": ["kubernetes"]},
+                    "status": {"phase": "Active"},
+                },
+            )
 
     # --- entry points --------------------------------------------------------
 
@@ -203,15 +235,28 @@ class Emulator(kmock.KubernetesEmulator):
         params = dict(raw_request.query)
         watch = params.get("watch", "").lower() in ("1", "true")
         verb = self._verb(raw_request.method.upper(), target, watch) if target else None
-        actions = {"list": kmock.action.LIST, "watch": kmock.action.WATCH,
-                   "get": kmock.action.FETCH, "create": kmock.action.CREATE,
-                   "patch": kmock.action.UPDATE, "update": kmock.action.UPDATE,
-                   "delete": kmock.action.DELETE}
+        actions = {
+            "list": kmock.action.LIST,
+            "watch": kmock.action.WATCH,
+            "get": kmock.action.FETCH,
+            "create": kmock.action.CREATE,
+            "patch": kmock.action.UPDATE,
+            "update": kmock.action.UPDATE,
+            "delete": kmock.action.DELETE,
+        }
         request = kmock.Request(
-            id=len(self._requests), method=raw_request.method, url=raw_request.url,
-            params=params, headers=headers, cookies=dict(raw_request.cookies),
-            body=body, text=body.decode(errors="replace"), data=data, raw_request=raw_request,
-            action=actions.get(verb or ""), resource=target.resource if target else None,
+            id=len(self._requests),
+            method=raw_request.method,
+            url=raw_request.url,
+            params=params,
+            headers=headers,
+            cookies=dict(raw_request.cookies),
+            body=body,
+            text=body.decode(errors="replace"),
+            data=data,
+            raw_request=raw_request,
+            action=actions.get(verb or ""),
+            resource=target.resource if target else None,
             namespace=target.namespace if target else None,
             name=target.name if target else None,
             subresource=target.subresource if target else None,
@@ -252,8 +297,9 @@ class Emulator(kmock.KubernetesEmulator):
         if path.startswith("/openapi/v3"):
             return aiohttp.web.json_response(self._openapi(path))
         if path == "/api":
-            return aiohttp.web.json_response({"kind": "APIVersions", "versions": ["v1"],
-                                              "serverAddressByClientCIDRs": []})
+            return aiohttp.web.json_response(
+                {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+            )
         if path == "/apis":
             return aiohttp.web.json_response(self._group_list())
         target = self._parse(path)
@@ -267,39 +313,49 @@ class Emulator(kmock.KubernetesEmulator):
         verb = self._verb(method, target, watch)
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         resource_name = target.resource.plural + (
-            f"/{target.subresource}" if target.subresource else "")
+            f"/{target.subresource}" if target.subresource else ""
+        )
         record = Recorded(method, path, verb, target.resource.group, resource_name, user_agent)
         self.recorded.append(record)
         if target.resource not in self.resources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if (verb == "patch" and content_type == "application/apply-patch+yaml"
-                and target.name and self.live(target.resource, target.namespace,
-                                              target.name) is None):
+        if (
+            verb == "patch"
+            and content_type == "application/apply-patch+yaml"
+            and target.name
+            and self.live(target.resource, target.namespace, target.name) is None
+        ):
             # An apply that creates the object is authorized as a create too.
             self.recorded.append(dataclasses.replace(record, verb="create"))
         if target.subresource == "scale" and verb in ("get", "patch", "update"):
             return aiohttp.web.json_response(self._scale(target, request, content_type))
         if verb == "watch":
             return await self._watch(request, target, params)
-        table = "as=Table" in request.headers.get("Accept", "") and (
-            target.resource in self._columns) and not target.subresource
+        table = (
+            "as=Table" in request.headers.get("Accept", "")
+            and (target.resource in self._columns)
+            and not target.subresource
+        )
         if verb == "list":
             listed = self._list(target, params)
             return aiohttp.web.json_response(self._table(target, listed) if table else listed)
         if verb == "get":
             obj = self._read(target)
             return aiohttp.web.json_response(
-                self._table(target, {"metadata": {}, "items": [obj]}) if table else obj)
+                self._table(target, {"metadata": {}, "items": [obj]}) if table else obj
+            )
         dry_run = "dryRun" in params
         if verb == "create":
             created = self._create(target, self._body(request, content_type), dry_run=dry_run)
             return aiohttp.web.json_response(created, status=201)
         if verb == "update":
             return aiohttp.web.json_response(
-                self._replace(target, self._body(request, content_type), dry_run=dry_run))
+                self._replace(target, self._body(request, content_type), dry_run=dry_run)
+            )
         if verb == "patch":
             return aiohttp.web.json_response(
-                self._patch(target, request.body, content_type, params, dry_run=dry_run))
+                self._patch(target, request.body, content_type, params, dry_run=dry_run)
+            )
         if verb == "delete":
             options = self._body(request, content_type) if request.body else {}
             return aiohttp.web.json_response(self._delete(target, options, dry_run=dry_run))
@@ -312,7 +368,9 @@ class Emulator(kmock.KubernetesEmulator):
         if method == "GET":
             return "watch" if watch else ("get" if target.name else "list")
         return {
-            "POST": "create", "PUT": "update", "PATCH": "patch",
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
             "DELETE": "delete" if target.name else "deletecollection",
         }.get(method, method.lower())
 
@@ -337,8 +395,10 @@ class Emulator(kmock.KubernetesEmulator):
         else:
             return None
         namespace = None
-        if rest[0] == "namespaces" and len(rest) >= 3 and not (
-            len(rest) == 3 and rest[2] in ("status", "finalize")
+        if (
+            rest[0] == "namespaces"
+            and len(rest) >= 3
+            and not (len(rest) == 3 and rest[2] in ("status", "finalize"))
         ):
             namespace, rest = rest[1], rest[2:]
         plural = rest[0]
@@ -374,14 +434,22 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _group_list(self) -> Obj:
         groups = sorted(self._group_versions().items())
-        return {"kind": "APIGroupList", "apiVersion": "v1",
-                "groups": [self._group(group, versions) for group, versions in groups]}
+        return {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [self._group(group, versions) for group, versions in groups],
+        }
 
     @staticmethod
     def _group(group: str, versions: list[str]) -> Obj:
         entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
-        return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": entries,
-                "preferredVersion": entries[0]}
+        return {
+            "kind": "APIGroup",
+            "apiVersion": "v1",
+            "name": group,
+            "versions": entries,
+            "preferredVersion": entries[0],
+        }
 
     def _discovery(self, path: str) -> Obj | None:
         parts = path.strip("/").split("/")
@@ -400,27 +468,55 @@ class Emulator(kmock.KubernetesEmulator):
         entries = []
         for resource in sorted(resources, key=lambda r: str(r.plural)):
             info = self._info(resource)
-            entries.append({
-                "name": resource.plural, "singularName": info.singular or resource.plural,
-                "namespaced": bool(info.namespaced), "kind": self._kind(resource),
-                "verbs": sorted(info.verbs) or ["create", "delete", "deletecollection", "get",
-                                                 "list", "patch", "update", "watch"],
-                "shortNames": sorted(info.shortnames), "categories": sorted(info.categories),
-            })
+            entries.append(
+                {
+                    "name": resource.plural,
+                    "singularName": info.singular or resource.plural,
+                    "namespaced": bool(info.namespaced),
+                    "kind": self._kind(resource),
+                    "verbs": sorted(info.verbs)
+                    or [
+                        "create",
+                        "delete",
+                        "deletecollection",
+                        "get",
+                        "list",
+                        "patch",
+                        "update",
+                        "watch",
+                    ],
+                    "shortNames": sorted(info.shortnames),
+                    "categories": sorted(info.categories),
+                }
+            )
             for sub in sorted(info.subresources):
-                entries.append({"name": f"{resource.plural}/{sub}", "singularName": "",
-                                "namespaced": bool(info.namespaced),
-                                "kind": self._kind(resource), "verbs": ["get", "patch", "update"]})
-        return {"kind": "APIResourceList", "apiVersion": "v1",
-                "groupVersion": f"{group}/{version}" if group else version, "resources": entries}
+                entries.append(
+                    {
+                        "name": f"{resource.plural}/{sub}",
+                        "singularName": "",
+                        "namespaced": bool(info.namespaced),
+                        "kind": self._kind(resource),
+                        "verbs": ["get", "patch", "update"],
+                    }
+                )
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}" if group else version,
+            "resources": entries,
+        }
 
     def _openapi(self, path: str) -> Obj:
         """Just enough OpenAPI v3 for kubectl to see that PATCH takes ``fieldValidation``."""
         if path.rstrip("/") == "/openapi/v3":
-            prefixes = ["api/v1"] + [f"apis/{g}/{v}" for g, vs in self._group_versions().items()
-                                     for v in vs]
-            return {"paths": {p: {"serverRelativeURL": f"/openapi/v3/{p}?hash={self._rv}"}
-                              for p in prefixes}}
+            prefixes = ["api/v1"] + [
+                f"apis/{g}/{v}" for g, vs in self._group_versions().items() for v in vs
+            ]
+            return {
+                "paths": {
+                    p: {"serverRelativeURL": f"/openapi/v3/{p}?hash={self._rv}"} for p in prefixes
+                }
+            }
         gv_path = path.removeprefix("/openapi/v3/")
         group, version = ("", "v1") if gv_path == "api/v1" else tuple(gv_path.split("/")[1:3])
         paths = {}
@@ -433,8 +529,12 @@ class Emulator(kmock.KubernetesEmulator):
             operation = {"x-kubernetes-group-version-kind": gvk, "parameters": [parameter]}
             paths[url + "/{name}"] = {"patch": operation, "put": operation}
             paths[url] = {"post": operation}
-        return {"openapi": "3.0.0", "info": {"title": "emulator", "version": "v1.35.0"},
-                "paths": paths, "components": {"schemas": {}}}
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "emulator", "version": "v1.35.0"},
+            "paths": paths,
+            "components": {"schemas": {}},
+        }
 
     def _url(self, resource: kmock.resource, namespace: str | None) -> str:
         base = f"/apis/{resource.group}/{resource.version}" if resource.group else "/api/v1"
@@ -463,8 +563,16 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _emit(self, kind: str, resource: kmock.resource, obj: Obj) -> None:
         metadata = obj["metadata"]
-        self._log.append(Event(int(metadata["resourceVersion"]), kind, resource,
-                               metadata.get("namespace"), metadata["name"], copy.deepcopy(obj)))
+        self._log.append(
+            Event(
+                int(metadata["resourceVersion"]),
+                kind,
+                resource,
+                metadata.get("namespace"),
+                metadata["name"],
+                copy.deepcopy(obj),
+            )
+        )
         self._notify()
 
     def live(self, resource: kmock.resource, namespace: str | None, name: str) -> Obj | None:
@@ -476,7 +584,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _all(self, resource: kmock.resource | None = None) -> list[tuple[Key, Obj]]:
         return [
-            (key, copy.deepcopy(obj.last.raw)) for key, obj in self.objects.items()
+            (key, copy.deepcopy(obj.last.raw))
+            for key, obj in self.objects.items()
             if not obj.deleted and (resource is None or key[0] == resource)
         ]
 
@@ -535,17 +644,21 @@ class Emulator(kmock.KubernetesEmulator):
                 continue
             if labels(obj) and fields(obj):
                 items.append(self._decorate(target.resource, obj))
-        return sorted(items, key=lambda o: (o["metadata"].get("namespace") or "",
-                                            o["metadata"]["name"]))
+        return sorted(
+            items, key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"])
+        )
 
     def _list(self, target: Target, params: Mapping[str, str]) -> Obj:
-        return {"apiVersion": self._api_version(target.resource),
-                "kind": f"{self._kind(target.resource)}List",
-                "metadata": {"resourceVersion": str(self._rv)},
-                "items": self._matching(target, params)}
+        return {
+            "apiVersion": self._api_version(target.resource),
+            "kind": f"{self._kind(target.resource)}List",
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": self._matching(target, params),
+        }
 
-    async def _watch(self, request: kmock.Request, target: Target,
-                     params: Mapping[str, str]) -> aiohttp.web.StreamResponse:
+    async def _watch(
+        self, request: kmock.Request, target: Target, params: Mapping[str, str]
+    ) -> aiohttp.web.StreamResponse:
         assert request._raw_request is not None
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request._raw_request)
@@ -567,11 +680,17 @@ class Emulator(kmock.KubernetesEmulator):
                 for obj in self._matching(target, params):
                     await send("ADDED", obj)
                 if params.get("sendInitialEvents") == "true":
-                    await send("BOOKMARK", {
-                        "kind": self._kind(target.resource),
-                        "apiVersion": self._api_version(target.resource),
-                        "metadata": {"resourceVersion": str(since), "annotations": {
-                            "k8s.io/initial-events-end": "true"}}})
+                    await send(
+                        "BOOKMARK",
+                        {
+                            "kind": self._kind(target.resource),
+                            "apiVersion": self._api_version(target.resource),
+                            "metadata": {
+                                "resourceVersion": str(since),
+                                "annotations": {"k8s.io/initial-events-end": "true"},
+                            },
+                        },
+                    )
             position = next((i for i, e in enumerate(self._log) if e.rv > since), len(self._log))
             while not self._closing and time.monotonic() < deadline:
                 tick = self._tick
@@ -597,11 +716,24 @@ class Emulator(kmock.KubernetesEmulator):
     def _table(self, target: Target, listed: Obj) -> Obj:
         """A meta.k8s.io/v1 Table with the CRD's printer columns (what ``kubectl get`` shows)."""
         columns = self._columns[target.resource]
-        definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
-                        "description": "Name of the object."}] + [
-            {"name": c["name"], "type": c["type"], "format": c.get("format", ""),
-             "description": c.get("description", ""), "priority": c.get("priority", 0)}
-            for c in columns]
+        definitions = [
+            {
+                "name": "Name",
+                "type": "string",
+                "format": "name",
+                "priority": 0,
+                "description": "Name of the object.",
+            }
+        ] + [
+            {
+                "name": c["name"],
+                "type": c["type"],
+                "format": c.get("format", ""),
+                "description": c.get("description", ""),
+                "priority": c.get("priority", 0),
+            }
+            for c in columns
+        ]
         rows = []
         for obj in listed["items"]:
             cells: list[Any] = [obj["metadata"]["name"]]
@@ -610,12 +742,19 @@ class Emulator(kmock.KubernetesEmulator):
                 if column["type"] == "date" and value:
                     value = _age(str(value))
                 cells.append(value)
-            partial = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                       "metadata": obj["metadata"]}
+            partial = {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj["metadata"],
+            }
             rows.append({"cells": cells, "object": partial})
-        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-                "metadata": {"resourceVersion": listed["metadata"].get("resourceVersion", "")},
-                "columnDefinitions": definitions, "rows": rows}
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": listed["metadata"].get("resourceVersion", "")},
+            "columnDefinitions": definitions,
+            "rows": rows,
+        }
 
     # --- writes ---------------------------------------------------------------
 
@@ -626,8 +765,11 @@ class Emulator(kmock.KubernetesEmulator):
         namespace = target.namespace or body.get("metadata", {}).get("namespace") or "default"
         given = body.get("metadata", {}).get("namespace")
         if given and given != namespace:
-            raise ApiError(400, "BadRequest", "the namespace of the object does not match the "
-                                              "namespace of the request")
+            raise ApiError(
+                400,
+                "BadRequest",
+                "the namespace of the object does not match the namespace of the request",
+            )
         if self.live(kmock.resource("", "v1", "namespaces"), None, namespace) is None:
             raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
         return namespace
@@ -640,10 +782,19 @@ class Emulator(kmock.KubernetesEmulator):
                 raise ApiError(422, "Invalid", "metadata.name or metadata.generateName is required")
             metadata["name"] = metadata["generateName"] + uuid.uuid4().hex[:5]
         if self.live(target.resource, namespace, metadata["name"]) is not None:
-            raise ApiError(409, "AlreadyExists",
-                           f'{target.resource.plural} "{metadata["name"]}" already exists')
-        for field in ("uid", "resourceVersion", "generation", "creationTimestamp",
-                      "deletionTimestamp", "managedFields"):
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{target.resource.plural} "{metadata["name"]}" already exists',
+            )
+        for field in (
+            "uid",
+            "resourceVersion",
+            "generation",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "managedFields",
+        ):
             metadata.pop(field, None)
         if "status" in self._info(target.resource).subresources and not self._is_crd(target):
             body.pop("status", None)
@@ -661,13 +812,24 @@ class Emulator(kmock.KubernetesEmulator):
             raise _not_found(target.resource, target.name)
         expected = body.get("metadata", {}).get("resourceVersion")
         if expected and expected != old["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on '
-                           f'{target.resource.plural} "{target.name}": the object has been '
-                           "modified; please apply your changes to the latest version")
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Operation cannot be fulfilled on "
+                f'{target.resource.plural} "{target.name}": the object has been '
+                "modified; please apply your changes to the latest version",
+            )
         return self._update(target, old, body, dry_run=dry_run)
 
-    def _patch(self, target: Target, raw: bytes, content_type: str, params: Mapping[str, str],
-               *, dry_run: bool = False) -> Obj:
+    def _patch(
+        self,
+        target: Target,
+        raw: bytes,
+        content_type: str,
+        params: Mapping[str, str],
+        *,
+        dry_run: bool = False,
+    ) -> Obj:
         assert target.name is not None
         old = self.live(target.resource, target.namespace, target.name)
         try:
@@ -763,12 +925,20 @@ class Emulator(kmock.KubernetesEmulator):
         def view(current: Obj) -> Obj:
             metadata = current["metadata"]
             selector = (current["spec"].get("selector") or {}).get("matchLabels") or {}
-            return {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {
-                k: metadata[k] for k in ("name", "namespace", "uid", "resourceVersion",
-                                         "creationTimestamp") if k in metadata},
+            return {
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "metadata": {
+                    k: metadata[k]
+                    for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                    if k in metadata
+                },
                 "spec": {"replicas": current["spec"].get("replicas", 1)},
-                "status": {"replicas": (current.get("status") or {}).get("replicas", 0),
-                           "selector": ",".join(f"{k}={v}" for k, v in selector.items())}}
+                "status": {
+                    "replicas": (current.get("status") or {}).get("replicas", 0),
+                    "selector": ",".join(f"{k}={v}" for k, v in selector.items()),
+                },
+            }
 
         if request.method.value.upper() == "GET":
             return view(obj)
@@ -793,7 +963,8 @@ class Emulator(kmock.KubernetesEmulator):
         if dry_run:
             return obj
         policy = options.get("propagationPolicy") or (
-            "Orphan" if options.get("orphanDependents") else "Background")
+            "Orphan" if options.get("orphanDependents") else "Background"
+        )
         if obj["metadata"].get("finalizers"):
             if not obj["metadata"].get("deletionTimestamp"):
                 obj["metadata"]["deletionTimestamp"] = _now()
@@ -809,9 +980,12 @@ class Emulator(kmock.KubernetesEmulator):
             name = obj["metadata"]["name"]
             sub = Target(target.resource, obj["metadata"].get("namespace"), name, None)
             removed.append(self._delete(sub, {}))
-        return {"apiVersion": self._api_version(target.resource),
-                "kind": f"{self._kind(target.resource)}List",
-                "metadata": {"resourceVersion": str(self._rv)}, "items": removed}
+        return {
+            "apiVersion": self._api_version(target.resource),
+            "kind": f"{self._kind(target.resource)}List",
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": removed,
+        }
 
     def _remove(self, resource: kmock.resource, obj: Obj, *, orphan: bool = False) -> None:
         self._forget(resource, obj)
@@ -836,7 +1010,8 @@ class Emulator(kmock.KubernetesEmulator):
         while True:
             uids = {obj["metadata"].get("uid") for _, obj in self._all()}
             orphans = [
-                (key, obj) for key, obj in self._all()
+                (key, obj)
+                for key, obj in self._all()
                 if obj["metadata"].get("ownerReferences")
                 and not any(ref.get("uid") in uids for ref in obj["metadata"]["ownerReferences"])
             ]
@@ -857,20 +1032,27 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _is_crd(self, target: Target) -> bool:
         return target.resource == kmock.resource(
-            "apiextensions.k8s.io", "v1", "customresourcedefinitions")
+            "apiextensions.k8s.io", "v1", "customresourcedefinitions"
+        )
 
     def _admit(self, resource: kmock.resource, obj: Obj, old: Obj | None) -> Obj:
         schema = self._schemas.get(resource)
         if schema is not None:
             obj = schema.defaulted(obj)
             checked = {k: v for k, v in obj.items() if k != "metadata"} | {
-                "metadata": {"name": obj["metadata"].get("name", "")}}
+                "metadata": {"name": obj["metadata"].get("name", "")}
+            }
             problems = schema.validate(checked)
             if problems:
                 kind, name = self._kind(resource), obj["metadata"].get("name")
-                raise ApiError(422, "Invalid", f'{kind}.{resource.group} "{name}" is invalid: '
-                               + "; ".join(problems), name=name, kind=kind,
-                               causes=[{"message": p} for p in problems])
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'{kind}.{resource.group} "{name}" is invalid: ' + "; ".join(problems),
+                    name=name,
+                    kind=kind,
+                    causes=[{"message": p} for p in problems],
+                )
         if resource == kmock.resource("", "v1", "services"):
             spec = obj.setdefault("spec", {})
             if old is not None and "clusterIP" in old.get("spec", {}):
@@ -898,10 +1080,19 @@ class Emulator(kmock.KubernetesEmulator):
                 continue
             resource = kmock.resource(spec["group"], version["name"], names["plural"])
             self.resources[resource] = kmock.ResourceInfo(
-                namespaced=spec["scope"] == "Namespaced", kind=names["kind"],
+                namespaced=spec["scope"] == "Namespaced",
+                kind=names["kind"],
                 singular=names.get("singular") or names["kind"].lower(),
-                verbs={"create", "delete", "deletecollection", "get", "list", "patch",
-                       "update", "watch"},
+                verbs={
+                    "create",
+                    "delete",
+                    "deletecollection",
+                    "get",
+                    "list",
+                    "patch",
+                    "update",
+                    "watch",
+                },
                 shortnames=set(names.get("shortNames", [])),
                 categories=set(names.get("categories", [])),
                 subresources=set(version.get("subresources", {})),
@@ -914,16 +1105,24 @@ class Emulator(kmock.KubernetesEmulator):
             "acceptedNames": names,
             "storedVersions": [v["name"] for v in spec["versions"] if v.get("storage")],
             "conditions": [
-                {"type": kind, "status": "True", "reason": reason, "message": message,
-                 "lastTransitionTime": _now()}
+                {
+                    "type": kind,
+                    "status": "True",
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": _now(),
+                }
                 for kind, reason, message in (
                     ("NamesAccepted", "NoConflicts", "no conflicts found"),
                     ("Established", "InitialNamesAccepted", "the initial names have been accepted"),
                 )
             ],
         }
-        self._store(kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
-                    crd, "MODIFIED")
+        self._store(
+            kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
+            crd,
+            "MODIFIED",
+        )
 
     def _unserve(self, crd: Obj) -> None:
         spec = crd["spec"]
@@ -994,8 +1193,9 @@ def _merge_list(field: str, current: list[Any], patch: list[Any]) -> list[Any]:
         return [copy.deepcopy(item) for item in patch if not _is_directive(item)]
     result = copy.deepcopy(current)
     for item in patch:
-        index = next((i for i, old in enumerate(result)
-                      if old.get(merge_key) == item.get(merge_key)), None)
+        index = next(
+            (i for i, old in enumerate(result) if old.get(merge_key) == item.get(merge_key)), None
+        )
         if item.get("$patch") == "delete":
             if index is not None:
                 result.pop(index)
@@ -1033,16 +1233,26 @@ def _apply_value(live: Any, previous: Any, applied: Any, field: str) -> Any:
     if isinstance(applied, list) and isinstance(live, list):
         merge_key = _merge_key(field, live + applied)
         if merge_key is not None:
-            before_items = {item.get(merge_key): item for item in previous or []
-                            if isinstance(item, dict)}
+            before_items = {
+                item.get(merge_key): item for item in previous or [] if isinstance(item, dict)
+            }
             applied_keys = [item[merge_key] for item in applied]
-            result = [item for item in live if item.get(merge_key) not in before_items
-                      or item.get(merge_key) in applied_keys]
+            result = [
+                item
+                for item in live
+                if item.get(merge_key) not in before_items or item.get(merge_key) in applied_keys
+            ]
             for item in applied:
-                index = next((i for i, old in enumerate(result)
-                              if old.get(merge_key) == item[merge_key]), None)
-                merged = _apply_value(result[index] if index is not None else {},
-                                      before_items.get(item[merge_key], {}), item, "")
+                index = next(
+                    (i for i, old in enumerate(result) if old.get(merge_key) == item[merge_key]),
+                    None,
+                )
+                merged = _apply_value(
+                    result[index] if index is not None else {},
+                    before_items.get(item[merge_key], {}),
+                    item,
+                    "",
+                )
                 if index is None:
                     result.append(merged)
                 else:
@@ -1058,7 +1268,8 @@ def _essence(obj: Obj) -> Obj:
 # --- printer columns -----------------------------------------------------------
 
 _FILTER = re.compile(
-    r'^(?P<field>[\w-]+)\[\?\(@\.(?P<key>[\w-]+)==["\'](?P<value>[^"\']*)["\']\)\]$')
+    r'^(?P<field>[\w-]+)\[\?\(@\.(?P<key>[\w-]+)==["\'](?P<value>[^"\']*)["\']\)\]$'
+)
 
 
 def _json_path(obj: Obj, path: str) -> Any:
@@ -1068,8 +1279,10 @@ def _json_path(obj: Obj, path: str) -> Any:
         match = _FILTER.match(part)
         if match:
             items = current.get(match["field"]) if isinstance(current, dict) else None
-            current = next((item for item in items or []
-                            if str(item.get(match["key"])) == match["value"]), None)
+            current = next(
+                (item for item in items or [] if str(item.get(match["key"])) == match["value"]),
+                None,
+            )
         else:
             current = current.get(part) if isinstance(current, dict) else None
         if current is None:
@@ -1078,8 +1291,7 @@ def _json_path(obj: Obj, path: str) -> Any:
 
 
 def _age(timestamp: str) -> str:
-    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.UTC)
+    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
     seconds = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size * 2:
@@ -1152,6 +1364,7 @@ def _field_check(path: str, expected: str, negate: bool) -> Callable[[Obj], bool
             current = current.get(part) if isinstance(current, dict) else None
         actual = "" if current is None else str(current)
         return (actual == expected) != negate
+
     return check
 
 
@@ -1165,8 +1378,9 @@ class Cluster:
         self.directory = directory
         self.emulator = Emulator()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kube-emulator",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kube-emulator", daemon=True
+        )
         self._server: kmock.Server | None = None
         self.kubeconfig = directory / "kubeconfig"
         self.url = ""
@@ -1191,14 +1405,28 @@ class Cluster:
         self._server = kmock.Server(self.emulator, host="127.0.0.1")
         await self._server.__aenter__()
         self.url = f"http://127.0.0.1:{self._server.port}"
-        self.kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {
-                "cluster": "emulator", "user": "tester", "namespace": "default"}}],
-            "current-context": "emulator",
-        }))
+        self.kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "preferences": {},
+                    "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+                    "users": [{"name": "tester", "user": {}}],
+                    "contexts": [
+                        {
+                            "name": "emulator",
+                            "context": {
+                                "cluster": "emulator",
+                                "user": "tester",
+                                "namespace": "default",
+                            },
+                        }
+                    ],
+                    "current-context": "emulator",
+                }
+            )
+        )
         # The garbage collector also sweeps now and then (owners deleted while a child was
         # being created), as the real one does.
         self._loop.create_task(self._sweep())
@@ -1225,27 +1453,45 @@ class Cluster:
 
     def call(self, fn: Callable[[], T], timeout: float = 30) -> T:
         """Call ``fn`` in the emulator's loop (safe access to its state)."""
+
         async def wrapper() -> T:
             return fn()
+
         return self.run(wrapper(), timeout)
 
     # --- helpers for tests -------------------------------------------------------
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment for a client of this cluster (kubectl, the operator, helm)."""
-        return os.environ | {"KUBECONFIG": str(self.kubeconfig),
-                             "KUBECACHEDIR": str(self.directory / "kube-cache")} | extra
+        return (
+            os.environ
+            | {
+                "KUBECONFIG": str(self.kubeconfig),
+                "KUBECACHEDIR": str(self.directory / "kube-cache"),
+            }
+            | extra
+        )
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real kubectl (from scripts/setup) against this cluster; fails if missing."""
         if not KUBECTL.exists():
             raise AssertionError(f"{KUBECTL} is missing: run scripts/setup")
-        result = subprocess.run([str(KUBECTL), *args], input=input, capture_output=True,
-                                text=True, env=self.env(), timeout=timeout, check=False)
+        result = subprocess.run(
+            [str(KUBECTL), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            check=False,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def apply_file(self, path: pathlib.Path | str) -> str:
@@ -1258,8 +1504,9 @@ class Cluster:
 
     def objects_of(self, resource: str, namespace: str | None = None) -> list[Obj]:
         res = kmock.resource(resource)
-        return self.call(lambda: [
-            obj for (_, ns, _), obj in self.emulator._all(res) if namespace in (None, ns)])
+        return self.call(
+            lambda: [obj for (_, ns, _), obj in self.emulator._all(res) if namespace in (None, ns)]
+        )
 
     def requests(self) -> list[Recorded]:
         return self.call(lambda: list(self.emulator.recorded))
@@ -1267,8 +1514,10 @@ class Cluster:
     def resource_requests(self, *user_agent_prefixes: str) -> list[Recorded]:
         """Requests for API resources, from clients whose User-Agent starts with a prefix."""
         return [
-            call for call in self.requests()
-            if call.verb is not None and call.resource is not None
+            call
+            for call in self.requests()
+            if call.verb is not None
+            and call.resource is not None
             and call.user_agent.startswith(user_agent_prefixes)
         ]
 
@@ -1281,23 +1530,43 @@ class Cluster:
 
     def mark_rolled_out(self, namespace: str, kind: str, name: str) -> Obj:
         """Play the workload controller: every desired replica updated, ready and available."""
-        resource = {"Deployment": "apps/v1/deployments",
-                    "StatefulSet": "apps/v1/statefulsets"}[kind]
+        resource = {"Deployment": "apps/v1/deployments", "StatefulSet": "apps/v1/statefulsets"}[
+            kind
+        ]
         obj = self.get(resource, namespace, name)
         assert obj is not None, f"{kind} {namespace}/{name} does not exist"
         replicas = obj["spec"].get("replicas", 1)
-        status = {"observedGeneration": obj["metadata"]["generation"], "replicas": replicas,
-                  "readyReplicas": replicas, "updatedReplicas": replicas,
-                  "availableReplicas": replicas}
+        status = {
+            "observedGeneration": obj["metadata"]["generation"],
+            "replicas": replicas,
+            "readyReplicas": replicas,
+            "updatedReplicas": replicas,
+            "availableReplicas": replicas,
+        }
         patch = json.dumps({"status": status})
-        self.kubectl("patch", kind.lower(), name, "-n", namespace, "--subresource=status",
-                     "--type=merge", "-p", patch)
+        self.kubectl(
+            "patch",
+            kind.lower(),
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            patch,
+        )
         result = self.get(resource, namespace, name)
         assert result is not None
         return result
 
-    def wait_for(self, predicate: Callable[[], T], *, timeout: float = 20,
-                 what: str = "the condition", details: Callable[[], str] = lambda: "") -> T:
+    def wait_for(
+        self,
+        predicate: Callable[[], T],
+        *,
+        timeout: float = 20,
+        what: str = "the condition",
+        details: Callable[[], str] = lambda: "",
+    ) -> T:
         """Poll until ``predicate()`` is truthy; fail with ``what`` and ``details()`` if not."""
         deadline = time.monotonic() + timeout
         while True:
@@ -1318,18 +1587,29 @@ class OperatorProcess:
     def __init__(self, cluster: Cluster, log_path: pathlib.Path, *args: str) -> None:
         executable = pathlib.Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "mailbridge-operator"
         if not executable.exists():
-            executable = pathlib.Path(__file__).resolve().parents[2] / ".venv" / "bin" / (
-                "mailbridge-operator")
+            executable = (
+                pathlib.Path(__file__).resolve().parents[2]
+                / ".venv"
+                / "bin"
+                / ("mailbridge-operator")
+            )
         self.cluster = cluster
         self.log_path = log_path
         self.health_port = _free_port()
         self.metrics_port = _free_port()
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [str(executable), "--log-format=plain", "--verbose",
-             f"--health-address=127.0.0.1:{self.health_port}",
-             f"--metrics-address=127.0.0.1:{self.metrics_port}", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=cluster.env(),
+            [
+                str(executable),
+                "--log-format=plain",
+                "--verbose",
+                f"--health-address=127.0.0.1:{self.health_port}",
+                f"--metrics-address=127.0.0.1:{self.metrics_port}",
+                *args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=cluster.env(),
             cwd=cluster.directory,
         )
 
@@ -1339,14 +1619,19 @@ class OperatorProcess:
 
     def wait_started(self, timeout: float = 30) -> None:
         """Until kopf watches MailBridges (its handlers can react from then on)."""
+
         def watching() -> bool:
             if self.process.poll() is not None:
-                raise AssertionError(f"the operator exited ({self.process.returncode}):\n"
-                                     f"{self.log()}")
-            return any(r.verb == "watch" and r.resource == "mailbridges"
-                       for r in self.cluster.requests())
-        self.cluster.wait_for(watching, timeout=timeout, what="the operator to watch MailBridges",
-                              details=self.log)
+                raise AssertionError(
+                    f"the operator exited ({self.process.returncode}):\n{self.log()}"
+                )
+            return any(
+                r.verb == "watch" and r.resource == "mailbridges" for r in self.cluster.requests()
+            )
+
+        self.cluster.wait_for(
+            watching, timeout=timeout, what="the operator to watch MailBridges", details=self.log
+        )
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM this process (only this one), then SIGKILL if it does not exit in time."""

@@ -18,38 +18,56 @@ EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "mailbridge
 
 def test_help_describes_the_options() -> None:
     executable = pathlib.Path(sys.executable).parent / "mailbridge-operator"
-    result = subprocess.run([str(executable), "--help"], capture_output=True, text=True,
-                            timeout=30, check=False)
+    result = subprocess.run(
+        [str(executable), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
     assert 0 == result.returncode, result.stderr
-    for option in ("--namespace", "--all-namespaces", "--health-address", "--metrics-address",
-                   "--peering"):
+    for option in (
+        "--namespace",
+        "--all-namespaces",
+        "--health-address",
+        "--metrics-address",
+        "--peering",
+    ):
         assert option in result.stdout
 
 
 def test_bad_arguments_exit_with_usage() -> None:
     executable = pathlib.Path(sys.executable).parent / "mailbridge-operator"
-    result = subprocess.run([str(executable), "-n", "a", "--all-namespaces"],
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        [str(executable), "-n", "a", "--all-namespaces"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert 2 == result.returncode
     assert "not allowed with argument" in result.stderr
 
 
 def test_health_and_metrics_endpoints(cluster: Cluster, operator: OperatorProcess) -> None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz",
-                                timeout=5) as response:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5
+    ) as response:
         assert 200 == response.status
         json.loads(response.read())
     cluster.apply_file(EXAMPLE)
-    cluster.wait_for(lambda: cluster.get("apps/v1/deployments", "default", "inbound"),
-                     what="the Deployment", details=operator.log)
+    cluster.wait_for(
+        lambda: cluster.get("apps/v1/deployments", "default", "inbound"),
+        what="the Deployment",
+        details=operator.log,
+    )
 
     def metrics() -> str:
         url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             return str(response.read().decode())
 
-    text = cluster.wait_for(lambda: 'outcome="waiting"} 0.0' not in metrics() and metrics(),
-                            what="a reconciliation counted", details=operator.log)
+    text = cluster.wait_for(
+        lambda: 'outcome="waiting"} 0.0' not in metrics() and metrics(),
+        what="a reconciliation counted",
+        details=operator.log,
+    )
     assert 'mailbridge_operator_child_changes_total{action="Created",kind="Deployment"} 1.0' in text
     assert 'mailbridge_operator_reconciliations_total{outcome="invalid"} 0.0' in text
     assert "mailbridge_operator_reconcile_duration_seconds_count" in text

@@ -31,8 +31,11 @@ def minimal() -> dict[str, Any]:
         "metadata": {"name": "mx", "namespace": "mail"},
         "spec": {
             "routes": [
-                {"name": "main", "recipients": ["*@example.com"],
-                 "webhook": {"url": "https://hooks.example.com/mail"}}
+                {
+                    "name": "main",
+                    "recipients": ["*@example.com"],
+                    "webhook": {"url": "https://hooks.example.com/mail"},
+                }
             ]
         },
     }
@@ -57,12 +60,21 @@ def test_crd_is_a_valid_custom_resource_definition(version: str) -> None:
 def test_crd_names_scope_and_columns(crd: CrdSchema) -> None:
     spec = crd.crd["spec"]
     assert ("mailbridge.io", "Namespaced") == (spec["group"], spec["scope"])
-    assert {"kind": "MailBridge", "listKind": "MailBridgeList", "plural": "mailbridges",
-            "singular": "mailbridge", "shortNames": ["mb"],
-            "categories": ["mailbridge"]} == spec["names"]
+    assert {
+        "kind": "MailBridge",
+        "listKind": "MailBridgeList",
+        "plural": "mailbridges",
+        "singular": "mailbridge",
+        "shortNames": ["mb"],
+        "categories": ["mailbridge"],
+    } == spec["names"]
     version = spec["versions"][0]
     assert ("v1alpha1", True, True, {"status": {}}) == (
-        version["name"], version["served"], version["storage"], version["subresources"])
+        version["name"],
+        version["served"],
+        version["storage"],
+        version["subresources"],
+    )
     columns = [column["name"] for column in version["additionalPrinterColumns"]]
     assert ["Ready", "Replicas", "Routes", "Reason", "Age"] == columns
 
@@ -79,8 +91,11 @@ def test_printer_columns_point_at_fields_the_schema_has(crd: CrdSchema) -> None:
 def test_schema_is_structural_and_every_field_is_described(crd: CrdSchema) -> None:
     undescribed, untyped = [], []
     for path, node in _nodes(crd.schema):
-        if not (node.get("type") or node.get("x-kubernetes-int-or-string")
-                or node.get("x-kubernetes-preserve-unknown-fields")):
+        if not (
+            node.get("type")
+            or node.get("x-kubernetes-int-or-string")
+            or node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             untyped.append(path)
         is_value_schema = path.endswith(("[*]", ".*"))
         if not is_value_schema and path not in (".metadata",) and not node.get("description"):
@@ -114,10 +129,24 @@ def test_crd_defaults_are_the_models_defaults(crd: CrdSchema) -> None:
 
 def test_crd_defaults_fill_every_group(crd: CrdSchema) -> None:
     spec = crd.defaulted(minimal())["spec"]
-    assert {"smtp", "tls", "parsing", "delivery", "persistence", "service", "monitoring",
-            "podDisruptionBudget", "resources", "scheduling"} <= set(spec)
-    assert "secret" == crd.defaulted(_with_secret(minimal()))["spec"]["routes"][0]["webhook"][
-        "signingSecretRef"]["key"]
+    assert {
+        "smtp",
+        "tls",
+        "parsing",
+        "delivery",
+        "persistence",
+        "service",
+        "monitoring",
+        "podDisruptionBudget",
+        "resources",
+        "scheduling",
+    } <= set(spec)
+    assert (
+        "secret"
+        == crd.defaulted(_with_secret(minimal()))["spec"]["routes"][0]["webhook"][
+            "signingSecretRef"
+        ]["key"]
+    )
 
 
 def _with_secret(resource: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +159,7 @@ def _edit(fn: Callable[[Spec], Any]) -> Callable[[], dict[str, Any]]:
         resource = minimal()
         fn(resource["spec"])
         return resource
+
     return make
 
 
@@ -139,24 +169,49 @@ def _route(spec: Spec) -> Spec:
 
 VALID = {
     "minimal": _edit(lambda s: None),
-    "spool with persistence": _edit(lambda s: s.update(
-        delivery={"mode": "spool"}, persistence={"enabled": True, "size": "5Gi"})),
-    "spool limits": _edit(lambda s: s.update(
-        delivery={"mode": "spool", "spool": {"maxSize": "4Gi", "maxMessages": 10, "maxAge": "72h",
-                                             "workers": 8, "shutdownGracePeriod": "30s"}},
-        persistence={"enabled": True, "size": "5Gi"})),
-    "tls from a secret": _edit(lambda s: s.update(tls={"secretName": "mx-tls"},
-                                                  smtp={"requireTLS": True})),
-    "load balancer keeping client IPs": _edit(lambda s: s.update(service={
-        "type": "LoadBalancer", "externalTrafficPolicy": "Local",
-        "loadBalancerSourceRanges": ["10.0.0.0/8"],
-        "proxyProtocol": {"enabled": True, "trustedCIDRs": ["10.0.0.0/8"]}})),
-    "pdb with minAvailable percent": _edit(lambda s: s.update(
-        podDisruptionBudget={"enabled": True, "minAvailable": "50%"})),
-    "sizes as integers": _edit(lambda s: s.update(
-        smtp={"maxMessageSize": 1048576}, parsing={"maxInlineAttachmentSize": 0})),
-    "rotation secrets": _edit(lambda s: _route(s)["webhook"].update(
-        signingSecretRef={"name": "a"}, additionalSigningSecretRefs=[{"name": "b", "key": "old"}])),
+    "spool with persistence": _edit(
+        lambda s: s.update(delivery={"mode": "spool"}, persistence={"enabled": True, "size": "5Gi"})
+    ),
+    "spool limits": _edit(
+        lambda s: s.update(
+            delivery={
+                "mode": "spool",
+                "spool": {
+                    "maxSize": "4Gi",
+                    "maxMessages": 10,
+                    "maxAge": "72h",
+                    "workers": 8,
+                    "shutdownGracePeriod": "30s",
+                },
+            },
+            persistence={"enabled": True, "size": "5Gi"},
+        )
+    ),
+    "tls from a secret": _edit(
+        lambda s: s.update(tls={"secretName": "mx-tls"}, smtp={"requireTLS": True})
+    ),
+    "load balancer keeping client IPs": _edit(
+        lambda s: s.update(
+            service={
+                "type": "LoadBalancer",
+                "externalTrafficPolicy": "Local",
+                "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                "proxyProtocol": {"enabled": True, "trustedCIDRs": ["10.0.0.0/8"]},
+            }
+        )
+    ),
+    "pdb with minAvailable percent": _edit(
+        lambda s: s.update(podDisruptionBudget={"enabled": True, "minAvailable": "50%"})
+    ),
+    "sizes as integers": _edit(
+        lambda s: s.update(smtp={"maxMessageSize": 1048576}, parsing={"maxInlineAttachmentSize": 0})
+    ),
+    "rotation secrets": _edit(
+        lambda s: _route(s)["webhook"].update(
+            signingSecretRef={"name": "a"},
+            additionalSigningSecretRefs=[{"name": "b", "key": "old"}],
+        )
+    ),
     "scaled to zero": _edit(lambda s: s.update(replicas=0)),
     "compound duration": _edit(lambda s: s.update(smtp={"commandTimeout": "1m30s"})),
     "extra env": _edit(lambda s: s.update(env=[{"name": "OTEL_SERVICE_NAME", "value": "x"}])),
@@ -165,50 +220,87 @@ VALID = {
 # name → (edit, words expected in the CRD's message)
 INVALID: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "no routes": (_edit(lambda s: s.update(routes=[])), "routes"),
-    "spool without persistence": (_edit(lambda s: s.update(delivery={"mode": "spool"})),
-                                  "persistence.enabled"),
-    "requireTLS without tls": (_edit(lambda s: s.update(smtp={"requireTLS": True},
-                                                         tls={"enabled": False})), "requireTLS"),
-    "tls secret while disabled": (_edit(lambda s: s.update(
-        tls={"enabled": False, "secretName": "x"})), "secretName"),
-    "externalTrafficPolicy on ClusterIP": (_edit(lambda s: s.update(
-        service={"externalTrafficPolicy": "Local"})), "externalTrafficPolicy"),
+    "spool without persistence": (
+        _edit(lambda s: s.update(delivery={"mode": "spool"})),
+        "persistence.enabled",
+    ),
+    "requireTLS without tls": (
+        _edit(lambda s: s.update(smtp={"requireTLS": True}, tls={"enabled": False})),
+        "requireTLS",
+    ),
+    "tls secret while disabled": (
+        _edit(lambda s: s.update(tls={"enabled": False, "secretName": "x"})),
+        "secretName",
+    ),
+    "externalTrafficPolicy on ClusterIP": (
+        _edit(lambda s: s.update(service={"externalTrafficPolicy": "Local"})),
+        "externalTrafficPolicy",
+    ),
     "nodePort on ClusterIP": (_edit(lambda s: s.update(service={"nodePort": 30025})), "nodePort"),
-    "source ranges without LoadBalancer": (_edit(lambda s: s.update(
-        service={"type": "NodePort", "loadBalancerSourceRanges": ["1.2.3.0/24"]})),
-        "loadBalancerSourceRanges"),
-    "pdb with both bounds": (_edit(lambda s: s.update(podDisruptionBudget={
-        "enabled": True, "minAvailable": 1, "maxUnavailable": 1})), "not both"),
-    "retry delays inverted": (_edit(lambda s: s.update(delivery={
-        "retry": {"initialDelay": "20m", "maxDelay": "1m"}})), "initialDelay"),
-    "429 as permanent": (_edit(lambda s: s.update(delivery={
-        "retry": {"permanentStatuses": [400, 429]}})), "429"),
-    "reserved header": (_edit(lambda s: _route(s)["webhook"].update(
-        headers={"Webhook-Signature": "x"})), "cannot be overridden"),
-    "header name with a space": (_edit(lambda s: _route(s)["webhook"].update(
-        headers={"X Bad": "x"})), "HTTP tokens"),
+    "source ranges without LoadBalancer": (
+        _edit(
+            lambda s: s.update(
+                service={"type": "NodePort", "loadBalancerSourceRanges": ["1.2.3.0/24"]}
+            )
+        ),
+        "loadBalancerSourceRanges",
+    ),
+    "pdb with both bounds": (
+        _edit(
+            lambda s: s.update(
+                podDisruptionBudget={"enabled": True, "minAvailable": 1, "maxUnavailable": 1}
+            )
+        ),
+        "not both",
+    ),
+    "retry delays inverted": (
+        _edit(lambda s: s.update(delivery={"retry": {"initialDelay": "20m", "maxDelay": "1m"}})),
+        "initialDelay",
+    ),
+    "429 as permanent": (
+        _edit(lambda s: s.update(delivery={"retry": {"permanentStatuses": [400, 429]}})),
+        "429",
+    ),
+    "reserved header": (
+        _edit(lambda s: _route(s)["webhook"].update(headers={"Webhook-Signature": "x"})),
+        "cannot be overridden",
+    ),
+    "header name with a space": (
+        _edit(lambda s: _route(s)["webhook"].update(headers={"X Bad": "x"})),
+        "HTTP tokens",
+    ),
     "bad route name": (_edit(lambda s: _route(s).update(name="Main Route")), "name"),
-    "duplicate route names": (_edit(lambda s: s["routes"].append(copy.deepcopy(_route(s)))),
-                              "duplicate"),
-    "ftp webhook url": (_edit(lambda s: _route(s)["webhook"].update(url="ftp://x.example/")),
-                        "url"),
+    "duplicate route names": (
+        _edit(lambda s: s["routes"].append(copy.deepcopy(_route(s)))),
+        "duplicate",
+    ),
+    "ftp webhook url": (
+        _edit(lambda s: _route(s)["webhook"].update(url="ftp://x.example/")),
+        "url",
+    ),
     "privileged smtp port": (_edit(lambda s: s.update(smtp={"port": 25})), "port"),
-    "bad duration": (_edit(lambda s: s.update(smtp={"dataTimeout": "ten minutes"})),
-                     "dataTimeout"),
+    "bad duration": (_edit(lambda s: s.update(smtp={"dataTimeout": "ten minutes"})), "dataTimeout"),
     "bad size": (_edit(lambda s: s.update(smtp={"maxMessageSize": "25MB"})), "maxMessageSize"),
     "unknown field": (_edit(lambda s: s.update(replica=3)), "replica"),
     "too many replicas": (_edit(lambda s: s.update(replicas=1000)), "replicas"),
-    "reserved env": (_edit(lambda s: s.update(env=[{"name": "MAILBRIDGE_SMTP__PORT",
-                                                    "value": "1"}])), "reserved"),
-    "reserved pod label": (_edit(lambda s: s.update(
-        podLabels={"app.kubernetes.io/name": "x"})), "operator"),
-    "reserved pod annotation": (_edit(lambda s: s.update(
-        podAnnotations={"mailbridge.io/config-hash": "x"})), "reserved"),
+    "reserved env": (
+        _edit(lambda s: s.update(env=[{"name": "MAILBRIDGE_SMTP__PORT", "value": "1"}])),
+        "reserved",
+    ),
+    "reserved pod label": (
+        _edit(lambda s: s.update(podLabels={"app.kubernetes.io/name": "x"})),
+        "operator",
+    ),
+    "reserved pod annotation": (
+        _edit(lambda s: s.update(podAnnotations={"mailbridge.io/config-hash": "x"})),
+        "reserved",
+    ),
     "bad log level": (_edit(lambda s: s.update(logLevel="verbose")), "logLevel"),
-    "no spool workers": (_edit(lambda s: s.update(delivery={"spool": {"workers": 0}})),
-                         "workers"),
-    "spool max age in days": (_edit(lambda s: s.update(delivery={"spool": {"maxAge": "5d"}})),
-                              "maxAge"),
+    "no spool workers": (_edit(lambda s: s.update(delivery={"spool": {"workers": 0}})), "workers"),
+    "spool max age in days": (
+        _edit(lambda s: s.update(delivery={"spool": {"maxAge": "5d"}})),
+        "maxAge",
+    ),
 }
 
 
@@ -247,16 +339,42 @@ def test_a_52_character_name_is_fine(crd: CrdSchema) -> None:
 
 
 def test_the_converter_handles_kubernetes_extensions() -> None:
-    schema = CrdSchema({"spec": {"versions": [{"name": "v1", "schema": {"openAPIV3Schema": {
-        "type": "object", "properties": {
-            "size": {"x-kubernetes-int-or-string": True,
-                     "anyOf": [{"type": "integer"}, {"type": "string"}]},
-            "note": {"type": "string", "nullable": True},
-            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-            "strict": {"type": "object", "properties": {"a": {"type": "string"}}},
-            "tags": {"type": "array", "x-kubernetes-list-type": "set",
-                     "items": {"type": "string"}},
-        }}}}]}})
+    schema = CrdSchema(
+        {
+            "spec": {
+                "versions": [
+                    {
+                        "name": "v1",
+                        "schema": {
+                            "openAPIV3Schema": {
+                                "type": "object",
+                                "properties": {
+                                    "size": {
+                                        "x-kubernetes-int-or-string": True,
+                                        "anyOf": [{"type": "integer"}, {"type": "string"}],
+                                    },
+                                    "note": {"type": "string", "nullable": True},
+                                    "free": {
+                                        "type": "object",
+                                        "x-kubernetes-preserve-unknown-fields": True,
+                                    },
+                                    "strict": {
+                                        "type": "object",
+                                        "properties": {"a": {"type": "string"}},
+                                    },
+                                    "tags": {
+                                        "type": "array",
+                                        "x-kubernetes-list-type": "set",
+                                        "items": {"type": "string"},
+                                    },
+                                },
+                            }
+                        },
+                    }
+                ]
+            }
+        }
+    )
     assert [] == schema.validate({"size": 1, "note": None, "free": {"any": {"thing": 1}}})
     assert [] == schema.validate({"size": "1Gi", "tags": ["a", "b"]})
     assert schema.validate({"size": 1.5})

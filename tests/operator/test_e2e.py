@@ -43,20 +43,36 @@ def config_hash(deployment: dict[str, Any]) -> str:
     return str(deployment["spec"]["template"]["metadata"]["annotations"][render.HASH_ANNOTATION])
 
 
-def wait(cluster: Cluster, operator: OperatorProcess, what: str,
-         predicate: Callable[[], Any], timeout: float = 20) -> Any:
+def wait(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    what: str,
+    predicate: Callable[[], Any],
+    timeout: float = 20,
+) -> Any:
     return cluster.wait_for(predicate, timeout=timeout, what=what, details=operator.log)
 
 
 def apply_example(cluster: Cluster, operator: OperatorProcess) -> dict[str, Any]:
     cluster.apply_file(EXAMPLE)
-    return wait(cluster, operator, "the Deployment",
-                lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound"))
+    return wait(
+        cluster,
+        operator,
+        "the Deployment",
+        lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound"),
+    )
 
 
 def events(cluster: Cluster, name: str) -> list[tuple[str, str, str]]:
-    result = cluster.kubectl("get", "events", "-n", NAMESPACE, "-o", "json",
-                             f"--field-selector=involvedObject.name={name}")
+    result = cluster.kubectl(
+        "get",
+        "events",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "json",
+        f"--field-selector=involvedObject.name={name}",
+    )
     return [(e["type"], e["reason"], e["message"]) for e in json.loads(result.stdout)["items"]]
 
 
@@ -65,34 +81,64 @@ def test_applying_the_example_creates_owned_children(
 ) -> None:
     apply_example(cluster, operator)
     owner = mailbridge(cluster)
-    expected = render.render("inbound", NAMESPACE, model.parse(owner["spec"]), {
-        "mailbridge-webhooks": cluster.get("v1/secrets", NAMESPACE, "mailbridge-webhooks")[  # type: ignore[index]
-            "metadata"]["resourceVersion"]})
-    resources = {"ConfigMap": "v1/configmaps", "Service": "v1/services",
-                 "Deployment": "apps/v1/deployments",
-                 "PodDisruptionBudget": "policy/v1/poddisruptionbudgets"}
+    expected = render.render(
+        "inbound",
+        NAMESPACE,
+        model.parse(owner["spec"]),
+        {
+            "mailbridge-webhooks": cluster.get("v1/secrets", NAMESPACE, "mailbridge-webhooks")[  # type: ignore[index]
+                "metadata"
+            ]["resourceVersion"]
+        },
+    )
+    resources = {
+        "ConfigMap": "v1/configmaps",
+        "Service": "v1/services",
+        "Deployment": "apps/v1/deployments",
+        "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
+    }
     for manifest in expected:
         name = manifest["metadata"]["name"]
-        live = wait(cluster, operator, f"{manifest['kind']} {name}",
-                    lambda m=manifest: cluster.get(resources[m["kind"]], NAMESPACE,
-                                                   m["metadata"]["name"]))
-        assert [{"apiVersion": "mailbridge.io/v1alpha1", "kind": "MailBridge",
-                 "name": "inbound", "uid": owner["metadata"]["uid"], "controller": True,
-                 "blockOwnerDeletion": True}] == live["metadata"]["ownerReferences"]
+        live = wait(
+            cluster,
+            operator,
+            f"{manifest['kind']} {name}",
+            lambda m=manifest: cluster.get(resources[m["kind"]], NAMESPACE, m["metadata"]["name"]),
+        )
+        assert [
+            {
+                "apiVersion": "mailbridge.io/v1alpha1",
+                "kind": "MailBridge",
+                "name": "inbound",
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ] == live["metadata"]["ownerReferences"]
         assert manifest["metadata"]["labels"].items() <= live["metadata"]["labels"].items()
         if manifest["kind"] == "ConfigMap":
             assert manifest["data"] == live["data"]
         if manifest["kind"] == "Deployment":
             assert manifest["spec"] == live["spec"]
 
-    status = wait(cluster, operator, "a status",
-                  lambda: mailbridge(cluster).get("status", {}).get("configHash") and
-                  mailbridge(cluster)["status"])
+    status = wait(
+        cluster,
+        operator,
+        "a status",
+        lambda: (
+            mailbridge(cluster).get("status", {}).get("configHash")
+            and mailbridge(cluster)["status"]
+        ),
+    )
     assert (1, 2, "Deployment/inbound") == (
-        status["observedGeneration"], status["routes"], status["workload"])
+        status["observedGeneration"],
+        status["routes"],
+        status["workload"],
+    )
     assert "False" == condition(mailbridge(cluster), "Ready")["status"]
     assert ("Normal", "Created", "Created Deployment inbound") in wait(
-        cluster, operator, "Created events", lambda: events(cluster, "inbound"))
+        cluster, operator, "Created events", lambda: events(cluster, "inbound")
+    )
 
 
 def test_a_ready_deployment_makes_the_mailbridge_ready(
@@ -100,42 +146,72 @@ def test_a_ready_deployment_makes_the_mailbridge_ready(
 ) -> None:
     apply_example(cluster, operator)
     cluster.mark_rolled_out(NAMESPACE, "Deployment", "inbound")
-    cluster.kubectl("wait", "--for=condition=Ready", "mailbridge/inbound", "--timeout=20s",
-                    timeout=30)
+    cluster.kubectl(
+        "wait", "--for=condition=Ready", "mailbridge/inbound", "--timeout=20s", timeout=30
+    )
     owner = mailbridge(cluster)
     assert (2, 2) == (owner["status"]["readyReplicas"], owner["status"]["replicas"])
     assert ("False", "RolloutComplete") == (
-        condition(owner, "Progressing")["status"], condition(owner, "Progressing")["reason"])
+        condition(owner, "Progressing")["status"],
+        condition(owner, "Progressing")["reason"],
+    )
     header, row = cluster.kubectl("get", "mb", "inbound").stdout.splitlines()
     assert ["NAME", "READY", "REPLICAS", "ROUTES", "AGE"] == header.split()
     assert ["inbound", "True", "2", "2"] == row.split()[:4]
     wide = cluster.kubectl("get", "mailbridges", "-o", "wide").stdout.split()
     assert "REASON" in wide and "AllReplicasReady" in wide
     assert ("Normal", "Ready", "every replica is ready to accept mail") in wait(
-        cluster, operator, "the Ready event", lambda: events(cluster, "inbound"))
+        cluster, operator, "the Ready event", lambda: events(cluster, "inbound")
+    )
 
 
 def test_changing_a_route_rewrites_the_config_and_rolls_the_pods(
     cluster: Cluster, operator: OperatorProcess
 ) -> None:
     before = apply_example(cluster, operator)
-    cluster.kubectl("patch", "mailbridge", "inbound", "--type=json", "-p", json.dumps([
-        {"op": "add", "path": "/spec/routes/0/recipients/-", "value": "sales@example.com"}]))
+    cluster.kubectl(
+        "patch",
+        "mailbridge",
+        "inbound",
+        "--type=json",
+        "-p",
+        json.dumps(
+            [{"op": "add", "path": "/spec/routes/0/recipients/-", "value": "sales@example.com"}]
+        ),
+    )
 
     def config() -> dict[str, Any] | None:
         live = cluster.get("v1/configmaps", NAMESPACE, "inbound-config")
         return yaml.safe_load(live["data"][render.CONFIG_KEY]) if live else None
 
-    wait(cluster, operator, "the new recipient in the ConfigMap",
-         lambda: "sales@example.com" in (config() or {"routes": [{}]})["routes"][0].get(
-             "recipients", []))
-    after = wait(cluster, operator, "a new pod-template hash", lambda: (
-        d := cluster.get("apps/v1/deployments", NAMESPACE, "inbound")) and
-        config_hash(d) != config_hash(before) and d)
+    wait(
+        cluster,
+        operator,
+        "the new recipient in the ConfigMap",
+        lambda: (
+            "sales@example.com" in (config() or {"routes": [{}]})["routes"][0].get("recipients", [])
+        ),
+    )
+    after = wait(
+        cluster,
+        operator,
+        "a new pod-template hash",
+        lambda: (
+            (d := cluster.get("apps/v1/deployments", NAMESPACE, "inbound"))
+            and config_hash(d) != config_hash(before)
+            and d
+        ),
+    )
     assert after["metadata"]["generation"] == before["metadata"]["generation"] + 1
-    status = wait(cluster, operator, "observedGeneration 2",
-                  lambda: mailbridge(cluster)["status"]["observedGeneration"] == 2 and
-                  mailbridge(cluster)["status"])
+    status = wait(
+        cluster,
+        operator,
+        "observedGeneration 2",
+        lambda: (
+            mailbridge(cluster)["status"]["observedGeneration"] == 2
+            and mailbridge(cluster)["status"]
+        ),
+    )
     assert config_hash(after) == status["configHash"]
 
 
@@ -144,50 +220,91 @@ def test_rotating_a_referenced_secret_rolls_the_pods(
 ) -> None:
     before = apply_example(cluster, operator)
     config_before = cluster.get("v1/configmaps", NAMESPACE, "inbound-config")
-    cluster.kubectl("patch", "secret", "mailbridge-webhooks", "--type=merge", "-p", json.dumps(
-        {"stringData": {"support": "whsec_cm90YXRlZC1zdXBwb3J0LXNpZ25pbmcta2V5"}}))
-    wait(cluster, operator, "a new pod-template hash", lambda: config_hash(
-        cluster.get("apps/v1/deployments", NAMESPACE, "inbound")) != config_hash(before))  # type: ignore[arg-type]
+    cluster.kubectl(
+        "patch",
+        "secret",
+        "mailbridge-webhooks",
+        "--type=merge",
+        "-p",
+        json.dumps({"stringData": {"support": "whsec_cm90YXRlZC1zdXBwb3J0LXNpZ25pbmcta2V5"}}),
+    )
+    wait(
+        cluster,
+        operator,
+        "a new pod-template hash",
+        lambda: (
+            config_hash(cluster.get("apps/v1/deployments", NAMESPACE, "inbound"))
+            != config_hash(before)
+        ),
+    )  # type: ignore[arg-type]
     config_after = cluster.get("v1/configmaps", NAMESPACE, "inbound-config")
     assert config_before["data"] == config_after["data"]  # type: ignore[index]
-    assert config_before["metadata"]["resourceVersion"] == (  # type: ignore[index]
-        config_after["metadata"]["resourceVersion"])  # type: ignore[index]
+    assert (
+        config_before["metadata"]["resourceVersion"]
+        == (  # type: ignore[index]
+            config_after["metadata"]["resourceVersion"]
+        )
+    )  # type: ignore[index]
 
 
-def test_deleted_and_edited_children_come_back(
-    cluster: Cluster, operator: OperatorProcess
-) -> None:
+def test_deleted_and_edited_children_come_back(cluster: Cluster, operator: OperatorProcess) -> None:
     deployment = apply_example(cluster, operator)
     config_map = cluster.get("v1/configmaps", NAMESPACE, "inbound-config")
     cluster.kubectl("delete", "configmap", "inbound-config")
     cluster.kubectl("delete", "service", "inbound")
-    restored = wait(cluster, operator, "the ConfigMap back", lambda: (
-        c := cluster.get("v1/configmaps", NAMESPACE, "inbound-config")) and c)
+    restored = wait(
+        cluster,
+        operator,
+        "the ConfigMap back",
+        lambda: (c := cluster.get("v1/configmaps", NAMESPACE, "inbound-config")) and c,
+    )
     assert restored["metadata"]["uid"] != config_map["metadata"]["uid"]  # type: ignore[index]
     assert restored["data"] == config_map["data"]  # type: ignore[index]
-    wait(cluster, operator, "the Service back",
-         lambda: cluster.get("v1/services", NAMESPACE, "inbound"))
+    wait(
+        cluster,
+        operator,
+        "the Service back",
+        lambda: cluster.get("v1/services", NAMESPACE, "inbound"),
+    )
 
     cluster.kubectl("set", "image", "deployment/inbound", "mailbridge=evil.example/miner:1")
-    wait(cluster, operator, "the image restored", lambda: cluster.get(
-        "apps/v1/deployments", NAMESPACE, "inbound")["spec"]["template"]["spec"][  # type: ignore[index]
-        "containers"][0]["image"] == deployment["spec"]["template"]["spec"]["containers"][0][
-        "image"])
+    wait(
+        cluster,
+        operator,
+        "the image restored",
+        lambda: (
+            cluster.get("apps/v1/deployments", NAMESPACE, "inbound")["spec"]["template"]["spec"][  # type: ignore[index]
+                "containers"
+            ][0]["image"]
+            == deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        ),
+    )
 
 
 def test_deleting_the_mailbridge_collects_its_children(
     cluster: Cluster, operator: OperatorProcess
 ) -> None:
     apply_example(cluster, operator)
-    wait(cluster, operator, "the PodDisruptionBudget",
-         lambda: cluster.get("policy/v1/poddisruptionbudgets", NAMESPACE, "inbound"))
+    wait(
+        cluster,
+        operator,
+        "the PodDisruptionBudget",
+        lambda: cluster.get("policy/v1/poddisruptionbudgets", NAMESPACE, "inbound"),
+    )
     cluster.kubectl("delete", "mailbridge", "inbound", "--timeout=20s", timeout=30)
-    for resource, name in (("v1/configmaps", "inbound-config"), ("v1/services", "inbound"),
-                           ("v1/services", "inbound-headless"),
-                           ("apps/v1/deployments", "inbound"),
-                           ("policy/v1/poddisruptionbudgets", "inbound")):
-        wait(cluster, operator, f"{resource} {name} collected",
-             lambda r=resource, n=name: cluster.get(r, NAMESPACE, n) is None)
+    for resource, name in (
+        ("v1/configmaps", "inbound-config"),
+        ("v1/services", "inbound"),
+        ("v1/services", "inbound-headless"),
+        ("apps/v1/deployments", "inbound"),
+        ("policy/v1/poddisruptionbudgets", "inbound"),
+    ):
+        wait(
+            cluster,
+            operator,
+            f"{resource} {name} collected",
+            lambda r=resource, n=name: cluster.get(r, NAMESPACE, n) is None,
+        )
     assert cluster.get("v1/secrets", NAMESPACE, "mailbridge-webhooks") is not None  # not ours
 
 
@@ -198,40 +315,91 @@ def test_an_invalid_spec_is_reported_and_recovers_when_fixed(
     bridge = documents[1]
     bridge["spec"]["routes"][0]["recipients"] = ["not an address"]  # valid for the CRD only
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
-    degraded = wait(cluster, operator, "Degraded=True", lambda: condition(
-        mailbridge(cluster), "Degraded").get("status") == "True" and condition(
-        mailbridge(cluster), "Degraded"))
+    degraded = wait(
+        cluster,
+        operator,
+        "Degraded=True",
+        lambda: (
+            condition(mailbridge(cluster), "Degraded").get("status") == "True"
+            and condition(mailbridge(cluster), "Degraded")
+        ),
+    )
     assert "InvalidSpec" == degraded["reason"]
     assert degraded["message"].startswith("spec.routes[0].recipients:")
-    assert any(kind == "Warning" and reason == "InvalidSpec" for kind, reason, _ in wait(
-        cluster, operator, "the InvalidSpec event", lambda: events(cluster, "inbound")))
+    assert any(
+        kind == "Warning" and reason == "InvalidSpec"
+        for kind, reason, _ in wait(
+            cluster, operator, "the InvalidSpec event", lambda: events(cluster, "inbound")
+        )
+    )
     assert cluster.get("apps/v1/deployments", NAMESPACE, "inbound") is None
     assert operator.process.poll() is None
 
-    cluster.kubectl("patch", "mailbridge", "inbound", "--type=json", "-p", json.dumps(
-        [{"op": "replace", "path": "/spec/routes/0/recipients", "value": ["ok@example.com"]}]))
-    wait(cluster, operator, "the Deployment",
-         lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound"))
-    wait(cluster, operator, "Degraded=False", lambda: condition(
-        mailbridge(cluster), "Degraded").get("status") == "False")
+    cluster.kubectl(
+        "patch",
+        "mailbridge",
+        "inbound",
+        "--type=json",
+        "-p",
+        json.dumps(
+            [{"op": "replace", "path": "/spec/routes/0/recipients", "value": ["ok@example.com"]}]
+        ),
+    )
+    wait(
+        cluster,
+        operator,
+        "the Deployment",
+        lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound"),
+    )
+    wait(
+        cluster,
+        operator,
+        "Degraded=False",
+        lambda: condition(mailbridge(cluster), "Degraded").get("status") == "False",
+    )
 
 
 def test_persistence_moves_the_bridges_to_a_statefulset(
     cluster: Cluster, operator: OperatorProcess
 ) -> None:
     apply_example(cluster, operator)
-    cluster.kubectl("patch", "mailbridge", "inbound", "--type=merge", "-p", json.dumps(
-        {"spec": {"persistence": {"enabled": True, "size": "2Gi"},
-                  "delivery": {"mode": "spool"}}}))
-    sts = wait(cluster, operator, "the StatefulSet",
-               lambda: cluster.get("apps/v1/statefulsets", NAMESPACE, "inbound"))
-    assert "2Gi" == sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"][
-        "storage"]
-    wait(cluster, operator, "the Deployment removed",
-         lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound") is None)
+    cluster.kubectl(
+        "patch",
+        "mailbridge",
+        "inbound",
+        "--type=merge",
+        "-p",
+        json.dumps(
+            {
+                "spec": {
+                    "persistence": {"enabled": True, "size": "2Gi"},
+                    "delivery": {"mode": "spool"},
+                }
+            }
+        ),
+    )
+    sts = wait(
+        cluster,
+        operator,
+        "the StatefulSet",
+        lambda: cluster.get("apps/v1/statefulsets", NAMESPACE, "inbound"),
+    )
+    assert (
+        "2Gi" == sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    )
+    wait(
+        cluster,
+        operator,
+        "the Deployment removed",
+        lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound") is None,
+    )
     cluster.mark_rolled_out(NAMESPACE, "StatefulSet", "inbound")
-    wait(cluster, operator, "Ready via the StatefulSet", lambda: condition(
-        mailbridge(cluster), "Ready").get("status") == "True")
+    wait(
+        cluster,
+        operator,
+        "Ready via the StatefulSet",
+        lambda: condition(mailbridge(cluster), "Ready").get("status") == "True",
+    )
     assert "StatefulSet/inbound" == mailbridge(cluster)["status"]["workload"]
 
 
@@ -239,17 +407,33 @@ def test_a_refused_child_is_reported_and_the_rest_still_applied(
     cluster: Cluster, operator: OperatorProcess
 ) -> None:
     """kmock's reaction DSL still works on the emulator: here the API forbids the PDB."""
-    refusal = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
-               "reason": "Forbidden", "message": "poddisruptionbudgets is forbidden"}
+    refusal = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": 403,
+        "reason": "Forbidden",
+        "message": "poddisruptionbudgets is forbidden",
+    }
     path = f"/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets/inbound"
     cluster.call(lambda: cluster.emulator[f"patch {path}"] << 403 << refusal)
     apply_example(cluster, operator)
-    degraded = wait(cluster, operator, "Degraded=ApplyFailed", lambda: condition(
-        mailbridge(cluster), "Degraded").get("reason") == "ApplyFailed" and condition(
-        mailbridge(cluster), "Degraded"))
+    degraded = wait(
+        cluster,
+        operator,
+        "Degraded=ApplyFailed",
+        lambda: (
+            condition(mailbridge(cluster), "Degraded").get("reason") == "ApplyFailed"
+            and condition(mailbridge(cluster), "Degraded")
+        ),
+    )
     assert "PodDisruptionBudget inbound" in degraded["message"]
     assert "forbidden" in degraded["message"]
     assert cluster.get("v1/services", NAMESPACE, "inbound") is not None
-    assert any(kind == "Warning" and reason == "ApplyFailed" for kind, reason, _ in wait(
-        cluster, operator, "the ApplyFailed event", lambda: events(cluster, "inbound")))
+    assert any(
+        kind == "Warning" and reason == "ApplyFailed"
+        for kind, reason, _ in wait(
+            cluster, operator, "the ApplyFailed event", lambda: events(cluster, "inbound")
+        )
+    )
     assert operator.process.poll() is None

@@ -11,16 +11,27 @@ from mailbridge_operator import model
 
 def spec(**fields: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "routes": [{"name": "main", "recipients": ["*@example.com"],
-                    "webhook": {"url": "https://hooks.example.com/mail"}}]
+        "routes": [
+            {
+                "name": "main",
+                "recipients": ["*@example.com"],
+                "webhook": {"url": "https://hooks.example.com/mail"},
+            }
+        ]
     }
     return base | fields
 
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0),
-     ("1m30s250ms", 90.25)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("1m30s250ms", 90.25),
+    ],
 )
 def test_durations_become_seconds(text: str, seconds: float) -> None:
     assert seconds == pytest.approx(model.parse_duration(text))
@@ -43,8 +54,13 @@ def test_bad_durations_are_refused(text: str) -> None:
 def test_defaults_match_the_bridge_defaults_where_they_overlap() -> None:
     parsed = model.parse(spec())
     assert (1, 2525, 25 * 2**20, "sync", 25, "ClusterIP") == (
-        parsed.replicas, parsed.smtp.port, parsed.smtp.max_message_size, parsed.delivery.mode,
-        parsed.service.port, parsed.service.type)
+        parsed.replicas,
+        parsed.smtp.port,
+        parsed.smtp.max_message_size,
+        parsed.delivery.mode,
+        parsed.service.port,
+        parsed.service.type,
+    )
     assert parsed.effective_image.startswith("ghcr.io/mailbridge/mailbridge:")
 
 
@@ -59,13 +75,30 @@ def test_every_problem_is_listed_with_its_path() -> None:
 
 
 def test_secret_names_cover_signing_and_tls_secrets_once() -> None:
-    parsed = model.parse(spec(tls={"secretName": "mx-tls"}, routes=[
-        {"name": "a", "recipients": ["a@x.org"], "webhook": {
-            "url": "https://h.example/a", "signingSecretRef": {"name": "hooks", "key": "a"},
-            "additionalSigningSecretRefs": [{"name": "old-hooks"}]}},
-        {"name": "b", "recipients": ["b@x.org"], "webhook": {
-            "url": "https://h.example/b", "signingSecretRef": {"name": "hooks", "key": "b"}}},
-    ]))
+    parsed = model.parse(
+        spec(
+            tls={"secretName": "mx-tls"},
+            routes=[
+                {
+                    "name": "a",
+                    "recipients": ["a@x.org"],
+                    "webhook": {
+                        "url": "https://h.example/a",
+                        "signingSecretRef": {"name": "hooks", "key": "a"},
+                        "additionalSigningSecretRefs": [{"name": "old-hooks"}],
+                    },
+                },
+                {
+                    "name": "b",
+                    "recipients": ["b@x.org"],
+                    "webhook": {
+                        "url": "https://h.example/b",
+                        "signingSecretRef": {"name": "hooks", "key": "b"},
+                    },
+                },
+            ],
+        )
+    )
     assert ("hooks", "mx-tls", "old-hooks") == parsed.secret_names
     assert "secret" == parsed.routes[0].webhook.additional_signing_secret_refs[0].key
 

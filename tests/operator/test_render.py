@@ -18,55 +18,111 @@ K8S_VERSIONS = ("1.29.0", "1.35.0")
 
 def spec(**fields: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "routes": [{"name": "main", "recipients": ["*@example.com"],
-                    "webhook": {"url": "https://hooks.example.com/mail",
-                                "signingSecretRef": {"name": "hooks", "key": "main"}}}]
+        "routes": [
+            {
+                "name": "main",
+                "recipients": ["*@example.com"],
+                "webhook": {
+                    "url": "https://hooks.example.com/mail",
+                    "signingSecretRef": {"name": "hooks", "key": "main"},
+                },
+            }
+        ]
     }
     return base | fields
 
 
 SPECS: dict[str, dict[str, Any]] = {
     "minimal": spec(),
-    "persistent spool": spec(delivery={"mode": "spool"}, persistence={
-        "enabled": True, "size": "5Gi", "storageClassName": "fast",
-        "accessModes": ["ReadWriteOncePod"]}),
-    "tls secret and requireTLS": spec(tls={"secretName": "mx-tls", "minVersion": "TLSv1.3"},
-                                      smtp={"requireTLS": True, "hostname": "mx.example.com"}),
-    "load balancer": spec(service={
-        "type": "LoadBalancer", "port": 2525, "nodePort": 30025,
-        "externalTrafficPolicy": "Local", "loadBalancerSourceRanges": ["203.0.113.0/24"],
-        "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
-        "proxyProtocol": {"enabled": True, "trustedCIDRs": ["10.0.0.0/8"], "timeout": "2s"}}),
+    "persistent spool": spec(
+        delivery={"mode": "spool"},
+        persistence={
+            "enabled": True,
+            "size": "5Gi",
+            "storageClassName": "fast",
+            "accessModes": ["ReadWriteOncePod"],
+        },
+    ),
+    "tls secret and requireTLS": spec(
+        tls={"secretName": "mx-tls", "minVersion": "TLSv1.3"},
+        smtp={"requireTLS": True, "hostname": "mx.example.com"},
+    ),
+    "load balancer": spec(
+        service={
+            "type": "LoadBalancer",
+            "port": 2525,
+            "nodePort": 30025,
+            "externalTrafficPolicy": "Local",
+            "loadBalancerSourceRanges": ["203.0.113.0/24"],
+            "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+            "proxyProtocol": {"enabled": True, "trustedCIDRs": ["10.0.0.0/8"], "timeout": "2s"},
+        }
+    ),
     "monitoring and pdb": spec(
-        monitoring={"serviceMonitor": {"enabled": True, "interval": "15s",
-                                       "labels": {"release": "prom"}}},
-        podDisruptionBudget={"enabled": True, "minAvailable": "50%"}, replicas=3),
+        monitoring={
+            "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}
+        },
+        podDisruptionBudget={"enabled": True, "minAvailable": "50%"},
+        replicas=3,
+    ),
     "scheduling and extras": spec(
-        scheduling={"nodeSelector": {"kubernetes.io/os": "linux"},
-                    "tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}],
-                    "affinity": {"podAntiAffinity": {
-                        "preferredDuringSchedulingIgnoredDuringExecution": [{
-                            "weight": 100, "podAffinityTerm": {
+        scheduling={
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 100,
+                            "podAffinityTerm": {
                                 "topologyKey": "kubernetes.io/hostname",
-                                "labelSelector": {"matchLabels": {
-                                    "app.kubernetes.io/instance": "mx"}}}}]}},
-                    "priorityClassName": "high"},
-        env=[{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel:4318"},
-             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-        imagePullSecrets=[{"name": "regcred"}], serviceAccountName="mailbridge",
-        image="registry.example/mailbridge@sha256:" + "a" * 64, imagePullPolicy="Always",
-        podAnnotations={"example.com/team": "mail"}, podLabels={"team": "mail"},
-        resources={"requests": {"cpu": "250m", "memory": "128Mi"},
-                   "limits": {"cpu": 1, "memory": "1Gi"}}),
-    "no tls, no secrets": spec(tls={"enabled": False}, routes=[
-        {"name": "open", "recipients": ["*"], "webhook": {"url": "http://receiver.local/x"}}]),
-    "many routes with rotation": spec(routes=[
-        {"name": f"r{i}", "recipients": [f"user{i}@example.com", f"*@d{i}.example"],
-         "webhook": {"url": f"https://hooks.example/{i}", "timeout": "3s",
-                     "headers": {"X-Route": str(i)},
-                     "signingSecretRef": {"name": "hooks", "key": f"r{i}"},
-                     "additionalSigningSecretRefs": [{"name": "old-hooks", "key": f"r{i}"}]}}
-        for i in range(12)]),
+                                "labelSelector": {
+                                    "matchLabels": {"app.kubernetes.io/instance": "mx"}
+                                },
+                            },
+                        }
+                    ]
+                }
+            },
+            "priorityClassName": "high",
+        },
+        env=[
+            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel:4318"},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+        imagePullSecrets=[{"name": "regcred"}],
+        serviceAccountName="mailbridge",
+        image="registry.example/mailbridge@sha256:" + "a" * 64,
+        imagePullPolicy="Always",
+        podAnnotations={"example.com/team": "mail"},
+        podLabels={"team": "mail"},
+        resources={
+            "requests": {"cpu": "250m", "memory": "128Mi"},
+            "limits": {"cpu": 1, "memory": "1Gi"},
+        },
+    ),
+    "no tls, no secrets": spec(
+        tls={"enabled": False},
+        routes=[
+            {"name": "open", "recipients": ["*"], "webhook": {"url": "http://receiver.local/x"}}
+        ],
+    ),
+    "many routes with rotation": spec(
+        routes=[
+            {
+                "name": f"r{i}",
+                "recipients": [f"user{i}@example.com", f"*@d{i}.example"],
+                "webhook": {
+                    "url": f"https://hooks.example/{i}",
+                    "timeout": "3s",
+                    "headers": {"X-Route": str(i)},
+                    "signingSecretRef": {"name": "hooks", "key": f"r{i}"},
+                    "additionalSigningSecretRefs": [{"name": "old-hooks", "key": f"r{i}"}],
+                },
+            }
+            for i in range(12)
+        ]
+    ),
     "scaled to zero": spec(replicas=0),
 }
 
@@ -101,14 +157,23 @@ def test_the_bridge_loads_the_rendered_config_unchanged(
 
 def test_children_names_kinds_and_labels() -> None:
     manifests = render.render("mx", "mail", SPECS["monitoring and pdb"], {})
-    assert ["ConfigMap/mx-config", "Service/mx", "Service/mx-headless", "Deployment/mx",
-            "ServiceMonitor/mx", "PodDisruptionBudget/mx"] == list(by_kind(manifests))
+    assert [
+        "ConfigMap/mx-config",
+        "Service/mx",
+        "Service/mx-headless",
+        "Deployment/mx",
+        "ServiceMonitor/mx",
+        "PodDisruptionBudget/mx",
+    ] == list(by_kind(manifests))
     for manifest in manifests:
         labels = manifest["metadata"]["labels"]
-        assert {"app.kubernetes.io/name": "mailbridge", "app.kubernetes.io/instance": "mx",
-                "app.kubernetes.io/managed-by": "mailbridge-operator",
-                "app.kubernetes.io/part-of": "mailbridge",
-                "app.kubernetes.io/component": "bridge"}.items() <= labels.items()
+        assert {
+            "app.kubernetes.io/name": "mailbridge",
+            "app.kubernetes.io/instance": "mx",
+            "app.kubernetes.io/managed-by": "mailbridge-operator",
+            "app.kubernetes.io/part-of": "mailbridge",
+            "app.kubernetes.io/component": "bridge",
+        }.items() <= labels.items()
         assert "mail" == manifest["metadata"]["namespace"]
 
 
@@ -116,13 +181,23 @@ def test_config_map_holds_routes_with_secret_files_and_no_secret_values() -> Non
     manifests = render.render("mx", "mail", SPECS["many routes with rotation"], {"hooks": "1"})
     data = yaml.safe_load(manifests[0]["data"][render.CONFIG_KEY])
     assert 12 == len(data["routes"])
-    assert {"url": "https://hooks.example/3", "secrets": [],
-            "secret_files": ["/etc/mailbridge/secrets/r3/0", "/etc/mailbridge/secrets/r3/1"],
-            "timeout_seconds": 3.0, "headers": {"X-Route": "3"}} == data["routes"][3]["webhook"]
+    assert {
+        "url": "https://hooks.example/3",
+        "secrets": [],
+        "secret_files": ["/etc/mailbridge/secrets/r3/0", "/etc/mailbridge/secrets/r3/1"],
+        "timeout_seconds": 3.0,
+        "headers": {"X-Route": "3"},
+    } == data["routes"][3]["webhook"]
     assert ("0.0.0.0", 2525, "mx.mail.svc") == (
-        data["smtp"]["host"], data["smtp"]["port"], data["smtp"]["hostname"])
+        data["smtp"]["host"],
+        data["smtp"]["port"],
+        data["smtp"]["hostname"],
+    )
     assert ("0.0.0.0", 8080, "json") == (
-        data["http"]["host"], data["http"]["port"], data["log"]["format"])
+        data["http"]["host"],
+        data["http"]["port"],
+        data["log"]["format"],
+    )
 
 
 def test_signing_secrets_are_projected_at_the_files_the_config_names() -> None:
@@ -131,33 +206,47 @@ def test_signing_secrets_are_projected_at_the_files_the_config_names() -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == "webhook-secrets")
     items = {
         (source["secret"]["name"], item["key"], item["path"])
-        for source in volume["projected"]["sources"] for item in source["secret"]["items"]
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
     }
     assert ("hooks", "r3", "r3/0") in items
     assert ("old-hooks", "r3", "r3/1") in items
     assert 24 == len(items)
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     assert (render.SECRETS_DIR, True) == (
-        mounts["webhook-secrets"]["mountPath"], mounts["webhook-secrets"]["readOnly"])
+        mounts["webhook-secrets"]["mountPath"],
+        mounts["webhook-secrets"]["readOnly"],
+    )
 
 
 def test_pods_are_locked_down() -> None:
     pod = by_kind(render.render("mx", "mail", spec(), {}))["Deployment/mx"]["spec"]["template"]
     pod_spec = pod["spec"]
-    assert {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-            "seccompProfile": {"type": "RuntimeDefault"}} == pod_spec["securityContext"]
+    assert {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    } == pod_spec["securityContext"]
     container = pod_spec["containers"][0]
-    assert {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"}} == container["securityContext"]
+    assert {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    } == container["securityContext"]
     assert False is pod_spec["automountServiceAccountToken"]
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert "/healthz" == container["livenessProbe"]["httpGet"]["path"]
     assert "/readyz" == container["readinessProbe"]["httpGet"]["path"]
     assert ["mailbridge"] == container["command"]
     assert {"name": "MAILBRIDGE_CONFIG", "value": "/etc/mailbridge/config/mailbridge.yaml"} == (
-        container["env"][0])
+        container["env"][0]
+    )
     assert 40 == pod_spec["terminationGracePeriodSeconds"]
 
 
@@ -168,29 +257,52 @@ def test_persistence_makes_a_statefulset_with_a_spool_claim() -> None:
     assert "mx-headless" == sts["serviceName"]
     claim = sts["volumeClaimTemplates"][0]
     assert ("spool", ["ReadWriteOncePod"], "5Gi", "fast") == (
-        claim["metadata"]["name"], claim["spec"]["accessModes"],
-        claim["spec"]["resources"]["requests"]["storage"], claim["spec"]["storageClassName"])
+        claim["metadata"]["name"],
+        claim["spec"]["accessModes"],
+        claim["spec"]["resources"]["requests"]["storage"],
+        claim["spec"]["storageClassName"],
+    )
     mounts = sts["template"]["spec"]["containers"][0]["volumeMounts"]
     assert {"name": "spool", "mountPath": "/var/spool/mailbridge"} in mounts
     assert {"whenDeleted": "Retain", "whenScaled": "Retain"} == (
-        sts["persistentVolumeClaimRetentionPolicy"])
+        sts["persistentVolumeClaimRetentionPolicy"]
+    )
     data = yaml.safe_load(manifests["ConfigMap/mx-config"]["data"][render.CONFIG_KEY])
     assert "spool" == data["delivery"]["mode"]
-    assert {"directory": "/var/spool/mailbridge", "max_bytes": int(5 * 2**30 * 0.9),
-            "max_messages": 100000, "max_age_seconds": 432000.0, "delivery_workers": 32,
-            "shutdown_grace_seconds": 10.0, "fsync": True}.items() <= data["spool"].items()
+    assert {
+        "directory": "/var/spool/mailbridge",
+        "max_bytes": int(5 * 2**30 * 0.9),
+        "max_messages": 100000,
+        "max_age_seconds": 432000.0,
+        "delivery_workers": 32,
+        "shutdown_grace_seconds": 10.0,
+        "fsync": True,
+    }.items() <= data["spool"].items()
     assert 50 == sts["template"]["spec"]["terminationGracePeriodSeconds"]  # 30 + 10 + 10
 
 
 def test_spool_limits_come_from_the_spec() -> None:
-    limited = spec(delivery={"mode": "spool", "spool": {
-        "maxSize": "2Gi", "maxMessages": 500, "maxAge": "24h", "workers": 4,
-        "shutdownGracePeriod": "1m"}}, persistence={"enabled": True, "size": "10Gi"})
+    limited = spec(
+        delivery={
+            "mode": "spool",
+            "spool": {
+                "maxSize": "2Gi",
+                "maxMessages": 500,
+                "maxAge": "24h",
+                "workers": 4,
+                "shutdownGracePeriod": "1m",
+            },
+        },
+        persistence={"enabled": True, "size": "10Gi"},
+    )
     data = yaml.safe_load(render.config_yaml("mx", "mail", model.parse(limited)))
     assert (2 * 2**30, 500, 86400.0, 4, 60.0) == (
-        data["spool"]["max_bytes"], data["spool"]["max_messages"],
-        data["spool"]["max_age_seconds"], data["spool"]["delivery_workers"],
-        data["spool"]["shutdown_grace_seconds"])
+        data["spool"]["max_bytes"],
+        data["spool"]["max_messages"],
+        data["spool"]["max_age_seconds"],
+        data["spool"]["delivery_workers"],
+        data["spool"]["shutdown_grace_seconds"],
+    )
 
 
 def test_a_volume_too_small_for_a_spool_is_reported() -> None:
@@ -203,16 +315,29 @@ def test_service_maps_the_public_port_to_the_smtp_port() -> None:
     manifests = by_kind(render.render("mx", "mail", SPECS["load balancer"], {}))
     service = manifests["Service/mx"]
     assert {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"} == (
-        service["metadata"]["annotations"])
-    assert {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
-            "loadBalancerSourceRanges": ["203.0.113.0/24"],
-            "ports": [{"name": "smtp", "port": 2525, "targetPort": "smtp", "protocol": "TCP",
-                       "nodePort": 30025}],
-            "selector": render.selector_labels("mx")} == service["spec"]
+        service["metadata"]["annotations"]
+    )
+    assert {
+        "type": "LoadBalancer",
+        "externalTrafficPolicy": "Local",
+        "loadBalancerSourceRanges": ["203.0.113.0/24"],
+        "ports": [
+            {
+                "name": "smtp",
+                "port": 2525,
+                "targetPort": "smtp",
+                "protocol": "TCP",
+                "nodePort": 30025,
+            }
+        ],
+        "selector": render.selector_labels("mx"),
+    } == service["spec"]
     data = yaml.safe_load(manifests["ConfigMap/mx-config"]["data"][render.CONFIG_KEY])
     assert (True, ["10.0.0.0/8"], 2.0) == (
-        data["smtp"]["proxy_protocol"], data["smtp"]["trusted_proxies"],
-        data["smtp"]["proxy_timeout_seconds"])
+        data["smtp"]["proxy_protocol"],
+        data["smtp"]["trusted_proxies"],
+        data["smtp"]["proxy_timeout_seconds"],
+    )
 
 
 def test_service_monitor_selects_the_metrics_port() -> None:
@@ -227,7 +352,8 @@ def test_service_monitor_selects_the_metrics_port() -> None:
     assert "prom" == monitor["metadata"]["labels"]["release"]
     assert {"apiVersion", "kind", "metadata", "spec"} == set(monitor)
     assert {"minAvailable": "50%"} == {
-        k: v for k, v in manifests["PodDisruptionBudget/mx"]["spec"].items() if k != "selector"}
+        k: v for k, v in manifests["PodDisruptionBudget/mx"]["spec"].items() if k != "selector"
+    }
 
 
 def test_pdb_defaults_to_one_unavailable() -> None:
@@ -277,11 +403,15 @@ def test_render_is_pure_and_accepts_a_parsed_spec() -> None:
 @pytest.mark.parametrize(
     ("edit", "path"),
     [
-        (lambda s: s["routes"][0].update(recipients=["not an address"]),
-         "spec.routes[0].recipients"),
+        (
+            lambda s: s["routes"][0].update(recipients=["not an address"]),
+            "spec.routes[0].recipients",
+        ),
         (lambda s: s["routes"][0].update(recipients=["*@"]), "spec.routes[0].recipients"),
-        (lambda s: s["service"].update(proxyProtocol={"trustedCIDRs": ["10.0.0.300/8"]}),
-         "spec.service.proxyProtocol.trustedCIDRs"),
+        (
+            lambda s: s["service"].update(proxyProtocol={"trustedCIDRs": ["10.0.0.300/8"]}),
+            "spec.service.proxyProtocol.trustedCIDRs",
+        ),
     ],
 )
 def test_settings_the_bridge_refuses_are_reported_in_spec_terms(edit: Any, path: str) -> None:

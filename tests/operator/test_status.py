@@ -13,17 +13,31 @@ NOW = datetime.datetime(2026, 11, 21, 12, 0, 0, tzinfo=datetime.UTC)
 LATER = NOW + datetime.timedelta(minutes=5)
 
 
-def deployment(*, generation: int = 2, observed: int | None = 2, replicas: int = 2,
-               ready: int = 2, updated: int = 2, spec_replicas: int = 2,
-               conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    observed_status: dict[str, Any] = {"replicas": replicas, "readyReplicas": ready,
-                                       "updatedReplicas": updated}
+def deployment(
+    *,
+    generation: int = 2,
+    observed: int | None = 2,
+    replicas: int = 2,
+    ready: int = 2,
+    updated: int = 2,
+    spec_replicas: int = 2,
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    observed_status: dict[str, Any] = {
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+    }
     if observed is not None:
         observed_status["observedGeneration"] = observed
     if conditions:
         observed_status["conditions"] = conditions
-    return {"kind": "Deployment", "metadata": {"name": "mx", "generation": generation},
-            "spec": {"replicas": spec_replicas}, "status": observed_status}
+    return {
+        "kind": "Deployment",
+        "metadata": {"name": "mx", "generation": generation},
+        "spec": {"replicas": spec_replicas},
+        "status": observed_status,
+    }
 
 
 def summary(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -35,54 +49,145 @@ def observe(**fields: Any) -> status.Observation:
 
 
 CASES = {
-    "no workload yet": (observe(), {
-        "Ready": ("False", "Creating"), "Progressing": ("True", "Creating"),
-        "Degraded": ("False", "AsExpected")}),
-    "all ready": (observe(workload=deployment()), {
-        "Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "RolloutComplete"),
-        "Degraded": ("False", "AsExpected")}),
-    "new template not seen": (observe(workload=deployment(generation=3, observed=2)), {
-        "Ready": ("True", "AllReplicasReady"), "Progressing": ("True", "RollingOut"),
-        "Degraded": ("False", "AsExpected")}),
-    "half updated": (observe(workload=deployment(updated=1, replicas=3, ready=2)), {
-        "Ready": ("True", "AllReplicasReady"), "Progressing": ("True", "RollingOut"),
-        "Degraded": ("False", "AsExpected")}),
-    "old pods terminating": (observe(workload=deployment(replicas=3)), {
-        "Ready": ("True", "AllReplicasReady"), "Progressing": ("True", "RollingOut"),
-        "Degraded": ("False", "AsExpected")}),
-    "one not ready": (observe(workload=deployment(ready=1)), {
-        "Ready": ("False", "ReplicasNotReady"), "Progressing": ("False", "RolloutComplete"),
-        "Degraded": ("False", "AsExpected")}),
-    "none ready": (observe(workload=deployment(ready=0)), {
-        "Ready": ("False", "NoReplicasReady"), "Progressing": ("False", "RolloutComplete"),
-        "Degraded": ("False", "AsExpected")}),
-    "scaled to zero": (observe(desired_replicas=0, workload=deployment(
-        replicas=0, ready=0, updated=0, spec_replicas=0)), {
-        "Ready": ("False", "ScaledToZero"), "Progressing": ("False", "RolloutComplete"),
-        "Degraded": ("False", "AsExpected")}),
-    "invalid spec, old pods run": (status.Observation(4, workload=deployment(),
-                                                      problems=["spec.replicas: bad", "x: y"]), {
-        "Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "InvalidSpec"),
-        "Degraded": ("True", "InvalidSpec")}),
-    "invalid spec, nothing runs": (status.Observation(1, problems=["spec: bad"]), {
-        "Ready": ("False", "InvalidSpec"), "Progressing": ("False", "InvalidSpec"),
-        "Degraded": ("True", "InvalidSpec")}),
-    "missing secret": (observe(workload=deployment(ready=0), missing_secrets=["hooks"]), {
-        "Ready": ("False", "NoReplicasReady"), "Progressing": ("False", "RolloutComplete"),
-        "Degraded": ("True", "SecretNotFound")}),
-    "apply refused": (observe(workload=deployment(), apply_error="ServiceMonitor mx: 404"), {
-        "Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "ApplyFailed"),
-        "Degraded": ("True", "ApplyFailed")}),
-    "rollout stuck": (observe(workload=deployment(updated=1, ready=1, conditions=[
-        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-         "message": "ReplicaSet mx-1 has timed out progressing."}])), {
-        "Ready": ("False", "ReplicasNotReady"), "Progressing": ("True", "RollingOut"),
-        "Degraded": ("True", "RolloutStuck")}),
-    "replica failure": (observe(workload=deployment(ready=0, conditions=[
-        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
-         "message": "pods forbidden"}])), {
-        "Ready": ("False", "NoReplicasReady"), "Progressing": ("False", "RolloutComplete"),
-        "Degraded": ("True", "ReplicaFailure")}),
+    "no workload yet": (
+        observe(),
+        {
+            "Ready": ("False", "Creating"),
+            "Progressing": ("True", "Creating"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "all ready": (
+        observe(workload=deployment()),
+        {
+            "Ready": ("True", "AllReplicasReady"),
+            "Progressing": ("False", "RolloutComplete"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "new template not seen": (
+        observe(workload=deployment(generation=3, observed=2)),
+        {
+            "Ready": ("True", "AllReplicasReady"),
+            "Progressing": ("True", "RollingOut"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "half updated": (
+        observe(workload=deployment(updated=1, replicas=3, ready=2)),
+        {
+            "Ready": ("True", "AllReplicasReady"),
+            "Progressing": ("True", "RollingOut"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "old pods terminating": (
+        observe(workload=deployment(replicas=3)),
+        {
+            "Ready": ("True", "AllReplicasReady"),
+            "Progressing": ("True", "RollingOut"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "one not ready": (
+        observe(workload=deployment(ready=1)),
+        {
+            "Ready": ("False", "ReplicasNotReady"),
+            "Progressing": ("False", "RolloutComplete"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "none ready": (
+        observe(workload=deployment(ready=0)),
+        {
+            "Ready": ("False", "NoReplicasReady"),
+            "Progressing": ("False", "RolloutComplete"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "scaled to zero": (
+        observe(
+            desired_replicas=0, workload=deployment(replicas=0, ready=0, updated=0, spec_replicas=0)
+        ),
+        {
+            "Ready": ("False", "ScaledToZero"),
+            "Progressing": ("False", "RolloutComplete"),
+            "Degraded": ("False", "AsExpected"),
+        },
+    ),
+    "invalid spec, old pods run": (
+        status.Observation(4, workload=deployment(), problems=["spec.replicas: bad", "x: y"]),
+        {
+            "Ready": ("True", "AllReplicasReady"),
+            "Progressing": ("False", "InvalidSpec"),
+            "Degraded": ("True", "InvalidSpec"),
+        },
+    ),
+    "invalid spec, nothing runs": (
+        status.Observation(1, problems=["spec: bad"]),
+        {
+            "Ready": ("False", "InvalidSpec"),
+            "Progressing": ("False", "InvalidSpec"),
+            "Degraded": ("True", "InvalidSpec"),
+        },
+    ),
+    "missing secret": (
+        observe(workload=deployment(ready=0), missing_secrets=["hooks"]),
+        {
+            "Ready": ("False", "NoReplicasReady"),
+            "Progressing": ("False", "RolloutComplete"),
+            "Degraded": ("True", "SecretNotFound"),
+        },
+    ),
+    "apply refused": (
+        observe(workload=deployment(), apply_error="ServiceMonitor mx: 404"),
+        {
+            "Ready": ("True", "AllReplicasReady"),
+            "Progressing": ("False", "ApplyFailed"),
+            "Degraded": ("True", "ApplyFailed"),
+        },
+    ),
+    "rollout stuck": (
+        observe(
+            workload=deployment(
+                updated=1,
+                ready=1,
+                conditions=[
+                    {
+                        "type": "Progressing",
+                        "status": "False",
+                        "reason": "ProgressDeadlineExceeded",
+                        "message": "ReplicaSet mx-1 has timed out progressing.",
+                    }
+                ],
+            )
+        ),
+        {
+            "Ready": ("False", "ReplicasNotReady"),
+            "Progressing": ("True", "RollingOut"),
+            "Degraded": ("True", "RolloutStuck"),
+        },
+    ),
+    "replica failure": (
+        observe(
+            workload=deployment(
+                ready=0,
+                conditions=[
+                    {
+                        "type": "ReplicaFailure",
+                        "status": "True",
+                        "reason": "FailedCreate",
+                        "message": "pods forbidden",
+                    }
+                ],
+            )
+        ),
+        {
+            "Ready": ("False", "NoReplicasReady"),
+            "Progressing": ("False", "RolloutComplete"),
+            "Degraded": ("True", "ReplicaFailure"),
+        },
+    ),
 }
 
 
@@ -94,13 +199,22 @@ def test_conditions(name: str) -> None:
 
 def test_counts_generation_and_summary_fields() -> None:
     result = status.compute(observe(workload=deployment(ready=1), config_hash="abc"), now=NOW)
-    assert {"observedGeneration": 4, "replicas": 2, "readyReplicas": 1, "updatedReplicas": 2,
-            "routes": 3, "workload": "Deployment/mx", "configHash": "abc"} == {
-        k: v for k, v in result.items() if k != "conditions"}
+    assert {
+        "observedGeneration": 4,
+        "replicas": 2,
+        "readyReplicas": 1,
+        "updatedReplicas": 2,
+        "routes": 3,
+        "workload": "Deployment/mx",
+        "configHash": "abc",
+    } == {k: v for k, v in result.items() if k != "conditions"}
     ready = status.condition(result, "Ready")
     assert ready is not None
     assert ("1/2 replicas ready", 4, "2026-11-21T12:00:00Z") == (
-        ready["message"], ready["observedGeneration"], ready["lastTransitionTime"])
+        ready["message"],
+        ready["observedGeneration"],
+        ready["lastTransitionTime"],
+    )
 
 
 def test_transition_time_moves_only_when_the_status_changes() -> None:
@@ -113,8 +227,9 @@ def test_transition_time_moves_only_when_the_status_changes() -> None:
 
 
 def test_invalid_spec_message_counts_further_problems() -> None:
-    result = status.compute(status.Observation(1, problems=["a: one", "b: two", "c: three"]),
-                            now=NOW)
+    result = status.compute(
+        status.Observation(1, problems=["a: one", "b: two", "c: three"]), now=NOW
+    )
     assert "a: one (and 2 more problems)" == status.condition(result, "Degraded")["message"]  # type: ignore[index]
 
 
