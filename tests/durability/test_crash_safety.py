@@ -28,7 +28,10 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from mailbridge.spool import record
 from tests.support.receiver import ReceiverThread, Reply, unused_port
@@ -46,6 +49,17 @@ ROUNDS = [
     (None, 0.4),
 ]
 ROUND_LIMIT_SECONDS = 8.0
+#: Every bridge process a test started: whatever happens, none outlives its test.
+STARTED: list[Bridge] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind() -> Iterator[None]:
+    yield
+    while STARTED:
+        bridge = STARTED.pop()
+        if bridge.proc.poll() is None:
+            bridge.kill()
 
 
 def _subject(path: Path) -> str:
@@ -80,6 +94,7 @@ class Bridge:
         self.proc = subprocess.Popen(
             [str(BIN)], env=env, stdout=self._log, stderr=self._log, cwd=spool.parent
         )
+        STARTED.append(self)
         deadline = time.monotonic() + 30
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -99,7 +114,8 @@ class Bridge:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
     def terminate(self) -> int:
         os.kill(self.proc.pid, signal.SIGTERM)
