@@ -1,12 +1,24 @@
-"""The spool worker's decisions (pure, on a fake clock): per-route state, backoff, expiry."""
+"""The spool worker: its decisions (pure, on a fake clock: per-route state, backoff, expiry)
+and its refusal to drop a message when something unexpected breaks."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
-from mailbridge.delivery.webhook import Attempt
-from mailbridge.delivery.worker import RouteResult, plan
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mailbridge.config import SpoolSettings
+from mailbridge.delivery.breaker import Breakers
+from mailbridge.delivery.webhook import Attempt, Target, WebhookClient
+from mailbridge.delivery.worker import RouteResult, Worker, plan
+from mailbridge.observability.metrics import Metrics
+from mailbridge.payload import Envelope
 from mailbridge.spool import record
+from mailbridge.spool.queue import Spool
 
 NOW = 10_000.0
 DAY = 86_400.0
@@ -119,3 +131,40 @@ def test_webhook_attempts_map_to_route_results(attempt: Attempt, kind: str) -> N
         assert 5.0 == result.retry_after_seconds
     if kind == "paused":
         assert NOW + 5 == result.paused_until
+
+
+async def test_a_bug_while_building_the_payload_keeps_the_message_for_later(
+    tmp_path: Path,
+) -> None:
+    """An unexpected error is never a drop: the file stays, the entry is looked at again."""
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(SpoolSettings(directory=tmp_path), metrics, environ={})  # type: ignore[call-arg]
+    await spool.open()
+    envelope = Envelope("a@x.test", ("b@y.test",), None, None, None)
+    entry = await spool.accept(
+        envelope=envelope, raw=b"Subject: x\r\n\r\n", routes={"a": ("b@y.test",)},
+        webhook_id="msg_x", received_at=time.time(), carrier={},
+    )  # fmt: skip
+
+    def broken(header: record.Header, raw: bytes, routes: Sequence[str]) -> dict[str, bytes]:
+        raise RuntimeError("a parser bug")
+
+    client = WebhookClient(
+        None,  # type: ignore[arg-type]  # never reached: building fails first
+        breakers=Breakers(5, 30),
+        permanent_statuses=(),
+        metrics=metrics,
+    )
+    worker = Worker(
+        spool, client, {"a": Target("a", "http://127.0.0.1:9/x")}, broken, workers=1,
+        retry_initial_seconds=1, retry_max_seconds=10, max_age_seconds=DAY, metrics=metrics,
+    )  # fmt: skip
+    worker.start()
+    deadline = time.monotonic() + 5
+    while entry.due_at < time.time() + 30:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await worker.stop(0)
+    assert {entry.queue_id} == {p.name for p in (tmp_path / "queue").iterdir()}
+    assert entry is spool.entries[entry.queue_id]
+    await spool.close()

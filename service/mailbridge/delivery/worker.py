@@ -59,6 +59,8 @@ IDLE_SECONDS = 1.0
 TRIAL_BUSY_SECONDS = 1.0
 #: Jitter added to circuit wake-ups, so paused messages do not all wake at once.
 CIRCUIT_JITTER_SECONDS = 1.0
+#: After an unexpected error (a bug) in delivering a message, look at it again this much later.
+UNEXPECTED_RETRY_SECONDS = 60.0
 #: A route's last error is kept this short (it is shown by ``mailbridge spool list``).
 MAX_ERROR_CHARS = 300
 
@@ -262,10 +264,10 @@ class Worker:
                     self._spool.release(entry)
                 raise
             except Exception:
+                # A bug, not the receiver: keep the message and look again later.
                 log.exception("delivery failed unexpectedly", extra={"queue_id": entry.queue_id})
-                if entry.where == "active":
-                    self._spool.release(entry)
-                    self._spool.schedule(entry, self._clock() + TRIAL_BUSY_SECONDS * 5)
+                self._spool.release(entry)
+                self._spool.schedule(entry, self._clock() + UNEXPECTED_RETRY_SECONDS)
             finally:
                 self._busy.discard(task)
 
