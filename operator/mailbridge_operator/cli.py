@@ -6,7 +6,9 @@ JSON of the probes) for the pod's livenessProbe, and its own Prometheus
 ``/metrics`` (:mod:`mailbridge_operator.metrics`). Credentials: the pod's
 service account in a cluster, else ``$KUBECONFIG``. Runs standalone (one
 replica) unless ``--peering`` names a kopf peering object, which needs kopf's
-peering CRDs and lets several replicas take turns.
+peering CRDs and lets several replicas take turns (kopf pauses its watchers on
+the replicas whose turn it is not; the periodic resync, ``--resync-interval``,
+is the operator's own task and keeps running there).
 
 Reads the environment only when run (``$KUBECONFIG``), never at import.
 """
@@ -19,6 +21,8 @@ import sys
 from collections.abc import Sequence
 
 import kopf
+
+from mailbridge_operator import resync
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to serve Prometheus /metrics; empty to disable (default: %(default)s)",
     )
     parser.add_argument(
+        "--resync-interval",
+        type=_positive_seconds,
+        default=resync.DEFAULT_INTERVAL_SECONDS,
+        metavar="SECONDS",
+        help="reconcile each MailBridge at least this often, even when nothing signals "
+        "a change (default: %(default)g)",
+    )
+    parser.add_argument(
         "--peering",
         metavar="NAME",
-        help="coordinate several operator replicas through this kopf peering object",
+        help="coordinate several operator replicas through this kopf peering object "
+        "(it pauses kopf's watchers, not the resync)",
     )
     parser.add_argument("--verbose", action="store_true", help="log handler details")
     parser.add_argument("--debug", action="store_true", help="log every API request")
@@ -67,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="json: one object per line (default); plain/full: for humans",
     )
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 liveness_endpoint=f"http://{args.health_address}/healthz",
                 standalone=args.peering is None,
                 peering_name=args.peering,
-                memo=kopf.Memo(metrics_address=args.metrics_address),
+                memo=kopf.Memo(
+                    metrics_address=args.metrics_address,
+                    resync_seconds=args.resync_interval,
+                ),
             )
         )
     except KeyboardInterrupt:  # pragma: no cover - interactive use

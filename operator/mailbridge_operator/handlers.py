@@ -7,9 +7,12 @@
 - Any MailBridge event whose ``metadata.generation`` differs from
   ``status.observedGeneration`` reconciles at once: a spec edited while kopf
   still waits to retry the previous change is not delayed.
-- A timer re-reconciles every MailBridge periodically (drift the watchers
-  missed, ServiceMonitors, status freshness). For it, kopf keeps its finalizer
-  on each MailBridge: deleting one needs the operator running.
+- One resync task per operator (:mod:`resync`, started on startup, cancelled on
+  cleanup) reconciles each MailBridge that had no pass for the resync interval
+  (drift the watchers cannot see, ServiceMonitors, status freshness). It walks
+  a kopf index of the served MailBridges. Not a ``@kopf.timer``: kopf would keep
+  its finalizer on every MailBridge, and none could be deleted while no
+  operator runs.
 - Children (ConfigMaps, Services, Deployments, StatefulSets,
   PodDisruptionBudgets with ``app.kubernetes.io/managed-by=mailbridge-operator``)
   and referenced Secrets: a change reconciles their MailBridge at once, so a
@@ -18,7 +21,9 @@
 
 Reconciliations of one MailBridge never overlap (a lock per namespace/name), and
 bursts of child events collapse into one pass. Deletion needs no handler: the
-children carry owner references and the garbage collector removes them.
+children carry owner references and the garbage collector removes them. So no
+handler needs kopf's finalizer, and kopf adds none (and removes the one older
+versions of the operator added, the first time it handles the MailBridge).
 kopf keeps its bookkeeping in ``mailbridge.io/`` annotations, so the status
 holds only what the CRD's schema describes.
 """
@@ -26,25 +31,32 @@ holds only what the CRD's schema describes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from mailbridge_operator import kube, metrics, model, reconcile, render
+from mailbridge_operator import kube, metrics, model, reconcile, render, resync
 
 GROUP, VERSION, PLURAL = model.GROUP, model.VERSION, model.PLURAL
 MANAGED = {"app.kubernetes.io/managed-by": render.MANAGER}
-RESYNC_SECONDS = 60.0
 NOT_READY_RETRY_SECONDS = 15.0
 APPLY_RETRY_SECONDS = 30.0
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Keep kopf's state in annotations, post only warnings from logs, open the API client."""
+async def configure(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    mailbridge_keys: kopf.Index[resync.Key, None],
+    **_: Any,
+) -> None:
+    """Keep kopf's state in annotations, post only warnings from logs, open the API client,
+    serve the metrics, start the resync."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -53,10 +65,23 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.setdefault("api", kube.Api(settings))
     memo.setdefault("locks", {})
     memo.setdefault("pending", set())
+    interval = memo.get("resync_seconds") or resync.DEFAULT_INTERVAL_SECONDS
+    memo.setdefault("schedule", resync.Schedule(interval))
     address = memo.get("metrics_address")
-    if address:
+    if address and memo.get("metrics_runner") is None:
         host, _, port = str(address).rpartition(":")
         memo.metrics_runner = await metrics.serve(host or "0.0.0.0", int(port))
+    if memo.get("resync_task") is None:
+        # The index is live: kopf fills it once it lists the MailBridges.
+        memo.resync_task = asyncio.create_task(
+            resync.run(
+                memo.schedule,
+                lambda: list(mailbridge_keys),
+                lambda key: _reconcile_by_name(memo, key[0], key[1], logger),
+                logger=logger,
+            ),
+            name="mailbridge resync",
+        )
 
 
 @kopf.on.login()
@@ -67,6 +92,11 @@ def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("resync_task")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     api = memo.get("api")
     if api is not None:
         await api.close()
@@ -106,9 +136,10 @@ async def spec_changed(
     )
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    await _reconcile_locked(memo, body, logger)
+@kopf.index(GROUP, VERSION, PLURAL)
+def mailbridge_keys(namespace: str, name: str, **_: Any) -> dict[resync.Key, None]:
+    """Every MailBridge the operator serves: what the resync walks."""
+    return {(namespace, name): None}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -169,7 +200,7 @@ async def _reconcile_by_name(
                 return
             if uid is not None and owner["metadata"].get("uid") != uid:
                 return  # a new MailBridge of the same name; the old child is garbage
-            await _observed(reconcile.reconcile(api, owner, logger=logger))
+            await _pass(memo, owner, logger)
     finally:
         memo.pending.discard(key)
 
@@ -183,16 +214,22 @@ async def _reconcile_locked(
         fresh = await memo.api.get(model.API_VERSION, model.KIND, key[0], key[1])
         if fresh is None or fresh["metadata"].get("uid") != body.metadata.uid:
             return None
-        return await _observed(reconcile.reconcile(memo.api, fresh, logger=logger))
+        return await _pass(memo, fresh, logger)
 
 
-async def _observed(run: Coroutine[Any, Any, reconcile.Outcome]) -> reconcile.Outcome:
+async def _pass(
+    memo: kopf.Memo, owner: Mapping[str, Any], logger: kopf.Logger
+) -> reconcile.Outcome:
+    """One reconciliation, counted in the metrics and in the resync's schedule."""
+    key = (owner["metadata"]["namespace"], owner["metadata"]["name"])
     started = time.monotonic()
     try:
-        outcome = await run
+        outcome = await reconcile.reconcile(memo.api, owner, logger=logger)
     except Exception:
         metrics.observe("failed", time.monotonic() - started, ())
         raise
+    finally:
+        memo.schedule.passed(key, time.monotonic())
     metrics.observe(outcome.outcome, time.monotonic() - started, outcome.changes)
     return outcome
 

@@ -1,7 +1,7 @@
-"""A small Kubernetes API client for the handlers: read, server-side apply, delete, status.
+"""A small Kubernetes API client for the handlers: read, server-side apply, delete, status, events.
 
-The handlers need five calls (get, apply, delete, patch status, and reading a
-Secret's resourceVersion); this module makes them over one pooled aiohttp
+The handlers need six calls (get, apply, delete, patch status, post an event,
+and reading a Secret's resourceVersion); this module makes them over one pooled aiohttp
 session with the same credentials kopf logs in with (in-cluster service
 account first, then ``$KUBECONFIG``), via kopf's public ``ConnectionInfo``.
 Applies are server-side applies (``fieldManager=mailbridge-operator``,
@@ -15,8 +15,10 @@ re-reads the credentials once (projected service-account tokens rotate).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import platform
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -160,6 +162,53 @@ class Api:
             content_type="application/merge-patch+json",
         )
         return _checked(status, body)
+
+    async def post_event(
+        self,
+        owner: Mapping[str, Any],
+        type: str,
+        reason: str,
+        message: str,
+        *,
+        now: datetime.datetime,
+    ) -> None:
+        """A core/v1 Event about ``owner``; a refusal is logged, never raised (events are aids)."""
+        metadata = owner["metadata"]
+        namespace = metadata["namespace"]
+        stamp = now.isoformat()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{metadata['name']}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": owner["apiVersion"],
+                "kind": owner["kind"],
+                "namespace": namespace,
+                "name": metadata["name"],
+                "uid": metadata["uid"],
+            },
+            "type": type,
+            "reason": reason,
+            "message": message,
+            "source": {"component": FIELD_MANAGER},  # the "From" of `kubectl describe`
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": platform.node() or FIELD_MANAGER,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            status, body = await self._request(
+                "POST",
+                f"/api/v1/namespaces/{urllib.parse.quote(namespace)}/events",
+                body=event,
+            )
+        except (aiohttp.ClientError, TimeoutError) as error:
+            self._logger.warning(f"Posting the event {reason} failed: {error!r}.")
+            return
+        if not 200 <= status < 300:
+            detail = body.get("message") if isinstance(body, dict) else body
+            self._logger.warning(f"Posting the event {reason} failed ({status}: {detail}).")
 
     async def _request(
         self,

@@ -10,8 +10,9 @@ authenticated user may read it.
 Why each rule exists:
 
 - mailbridges: kopf lists and watches them and patches its bookkeeping
-  annotations (and its finalizer); the operator reads the latest one before
-  each reconciliation. mailbridges/status: the operator writes the status.
+  annotations (and removes the finalizer that versions with a per-object timer
+  added); the operator reads the latest one before each reconciliation.
+  mailbridges/status: the operator writes the status.
 - configmaps, services, deployments, statefulsets, poddisruptionbudgets,
   servicemonitors: the children. ``get`` to compare with the desired state,
   ``create`` + ``patch`` for server-side apply, ``list`` + ``watch`` so kopf

@@ -5,14 +5,15 @@ the children (:mod:`render`), adopts them (owner references), applies each one
 whose live state differs from the desired state (server-side apply), deletes
 children that are no longer wanted, computes the status (:mod:`status`), writes
 it when it changed, and posts Kubernetes events for what it did. It is
-idempotent: create, update, resume, the timer and child/Secret watchers all
+idempotent: create, update, resume, the resync and child/Secret watchers all
 call it, and a second run with nothing changed makes no write.
 
 An invalid spec is reported (``Degraded``/``InvalidSpec`` condition and a
 Warning event, once per distinct problem) and leaves the running children
 alone. API failures are reported the same way (``ApplyFailed``) and returned,
-so the caller decides to retry. Trusts kopf for the owner's body; emits events
-through kopf (``kopf.event``).
+so the caller decides to retry. Trusts kopf for the owner's body; posts events
+through :class:`kube.Api` (not ``kopf.event``, which works only inside a kopf
+handler: the resync runs outside any).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ async def reconcile(
         observation = status.Observation(generation, workload=workload, problems=error.problems)
         new = await _write_status(api, owner, observation, previous, now())
         if _changed_reason(previous, new, status.DEGRADED):
-            _event(owner, "Warning", "InvalidSpec", _short(str(error)))
+            await _event(api, owner, "Warning", "InvalidSpec", _short(str(error)), now())
         logger.warning(f"Invalid spec: {error}")
         return Outcome(new, invalid=True)
 
@@ -118,14 +119,17 @@ async def reconcile(
         for manifest in manifests:
             where = f"{manifest['kind']} {manifest['metadata']['name']}"
             kopf.adopt(manifest, owner=dict(owner))  # type: ignore[arg-type]
-            applied[manifest["kind"]], verb = await _apply(api, owner, manifest, logger)
+            applied[manifest["kind"]], verb = await _apply(api, manifest, logger)
             if verb:
                 changes.append((manifest["kind"], verb))
+                await _event(api, owner, "Normal", verb, f"{verb} {where}", now())
         where = "removing unwanted children"
         removed = await _prune(
             api, owner, keep={manifest["kind"] for manifest in manifests}, logger=logger
         )
-        changes.extend((kind, "Deleted") for kind in removed)
+        for kind, child in removed:
+            changes.append((kind, "Deleted"))
+            await _event(api, owner, "Normal", "Deleted", f"Deleted {kind} {child}", now())
     except kube.ApiError as error:
         apply_error = f"{where}: {error}"
         logger.error(f"Apply failed: {apply_error}")
@@ -145,16 +149,13 @@ async def reconcile(
     )
     new = await _write_status(api, owner, observation, previous, now())
     if apply_error and _changed_reason(previous, new, status.DEGRADED):
-        _event(owner, "Warning", "ApplyFailed", _short(apply_error))
+        await _event(api, owner, "Warning", "ApplyFailed", _short(apply_error), now())
     if missing and _changed_reason(previous, new, status.DEGRADED):
-        _event(
-            owner,
-            "Warning",
-            "SecretNotFound",
-            _short(status.condition(new, status.DEGRADED)["message"]),
-        )  # type: ignore[index]
+        degraded = status.condition(new, status.DEGRADED) or {}
+        message = _short(str(degraded.get("message", "")))
+        await _event(api, owner, "Warning", "SecretNotFound", message, now())
     if _changed_reason(previous, new, status.READY) and status.is_true(new, status.READY):
-        _event(owner, "Normal", "Ready", "every replica is ready to accept mail")
+        await _event(api, owner, "Normal", "Ready", "every replica is ready to accept mail", now())
     return Outcome(new, apply_error=apply_error, changes=tuple(changes))
 
 
@@ -170,11 +171,10 @@ async def _secret_versions(
 
 async def _apply(
     api: kube.Api,
-    owner: Mapping[str, Any],
     manifest: dict[str, Any],
     logger: logging.Logger | logging.LoggerAdapter[Any],
 ) -> tuple[dict[str, Any], str | None]:
-    """Apply when the live object lacks anything desired; post Created/Updated events."""
+    """Apply when the live object lacks anything desired; the live object and Created/Updated."""
     metadata = manifest["metadata"]
     kind, child = manifest["kind"], metadata["name"]
     live = await api.get(manifest["apiVersion"], kind, metadata["namespace"], child)
@@ -183,7 +183,6 @@ async def _apply(
     result = await api.apply(manifest)
     verb = "Created" if live is None else "Updated"
     logger.info(f"{verb} {kind} {child}.")
-    _event(owner, "Normal", verb, message=f"{verb} {kind} {child}")
     return result, verb
 
 
@@ -193,8 +192,8 @@ async def _prune(
     *,
     keep: set[str],
     logger: logging.Logger | logging.LoggerAdapter[Any],
-) -> list[str]:
-    """Delete the children the spec no longer wants; return their kinds."""
+) -> list[tuple[str, str]]:
+    """Delete the children the spec no longer wants; return their kinds and names."""
     removed = []
     metadata = owner["metadata"]
     names = render.names(metadata["name"])
@@ -213,8 +212,7 @@ async def _prune(
         uid = live["metadata"].get("uid")
         if await api.delete(api_version, kind, metadata["namespace"], child_names[kind], uid=uid):
             logger.info(f"Deleted {kind} {child_names[kind]}: no longer wanted.")
-            _event(owner, "Normal", "Deleted", f"Deleted {kind} {child_names[kind]}")
-            removed.append(kind)
+            removed.append((kind, child_names[kind]))
     return removed
 
 
@@ -283,9 +281,16 @@ def _changed_reason(previous: Mapping[str, Any], new: Mapping[str, Any], kind: s
     )
 
 
-def _event(owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+async def _event(
+    api: kube.Api,
+    owner: Mapping[str, Any],
+    kind: str,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+) -> None:
     """A Kubernetes event on the MailBridge (independent of kopf's log-to-event level)."""
-    kopf.event(dict(owner), type=kind, reason=reason, message=message)  # type: ignore[arg-type]
+    await api.post_event(owner, kind, reason, message, now=now)
 
 
 def _short(text: str, limit: int = 1000) -> str:

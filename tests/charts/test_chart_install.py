@@ -247,14 +247,6 @@ def test_watching_some_namespaces_works_with_roles_only_there(
     assert [] == cluster.objects_of("rbac.authorization.k8s.io/v1/roles")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="kopf's @kopf.timer (the operator's resync) puts a finalizer on every MailBridge, "
-    "so without a running operator none can be deleted: `helm uninstall` racing the "
-    "operator's own deletion can leave the chart's MailBridges Terminating. Remove this "
-    "marker when the operator resyncs without a per-object timer.",
-)
 def test_a_mailbridge_can_be_deleted_when_the_operator_is_gone(
     installed: Installed,
     cluster: emulator.Cluster,
@@ -294,4 +286,9 @@ def test_a_mailbridge_can_be_deleted_when_the_operator_is_gone(
         timeout=5,
         what="the MailBridge to be deleted",
         details=finalizers,
+    )
+    cluster.wait_for(
+        lambda: not any(children_of(cluster, "default", "inbound").values()),
+        timeout=5,
+        what="its children to be collected",
     )

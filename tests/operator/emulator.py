@@ -79,6 +79,35 @@ Key = tuple[kmock.resource, str | None, str]
 OPERATOR_AGENTS = ("kopf/", "mailbridge-operator")  # User-Agents of the operator's clients
 KUBECTL = pathlib.Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kubectl"
 SEEDED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+# A schemaless stand-in for prometheus-operator's CRD, for tests whose bridges ask for one.
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "ServiceMonitor",
+            "plural": "servicemonitors",
+            "singular": "servicemonitor",
+            "listKind": "ServiceMonitorList",
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
 VERSION_INFO = {
     "major": "1",
     "minor": "35",

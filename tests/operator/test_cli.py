@@ -27,6 +27,7 @@ def test_help_describes_the_options() -> None:
         "--all-namespaces",
         "--health-address",
         "--metrics-address",
+        "--resync-interval",
         "--peering",
     ):
         assert option in result.stdout
@@ -43,6 +44,20 @@ def test_bad_arguments_exit_with_usage() -> None:
     )
     assert 2 == result.returncode
     assert "not allowed with argument" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])
+def test_a_resync_interval_must_be_a_positive_number_of_seconds(value: str) -> None:
+    executable = pathlib.Path(sys.executable).parent / "mailbridge-operator"
+    result = subprocess.run(
+        [str(executable), f"--resync-interval={value}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert 2 == result.returncode
+    assert "--resync-interval" in result.stderr
 
 
 def test_health_and_metrics_endpoints(cluster: Cluster, operator: OperatorProcess) -> None:

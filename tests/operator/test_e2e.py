@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from emulator import Cluster, OperatorProcess
+from emulator import SERVICE_MONITOR_CRD, Cluster, OperatorProcess
 
 from mailbridge_operator import model, render
 
@@ -437,3 +437,130 @@ def test_a_refused_child_is_reported_and_the_rest_still_applied(
         )
     )
     assert operator.process.poll() is None
+
+
+CHILDREN = (
+    ("v1/configmaps", "inbound-config"),
+    ("v1/services", "inbound"),
+    ("v1/services", "inbound-headless"),
+    ("apps/v1/deployments", "inbound"),
+    ("policy/v1/poddisruptionbudgets", "inbound"),
+)
+
+
+def test_a_mailbridge_is_deleted_even_when_no_operator_runs(
+    cluster: Cluster, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    """No finalizer: deleting a MailBridge (or its namespace) never waits for the operator."""
+    operator = start_operator("--all-namespaces")
+    apply_example(cluster, operator)
+    for resource, name in CHILDREN:
+        wait(
+            cluster,
+            operator,
+            f"{resource} {name}",
+            lambda r=resource, n=name: cluster.get(r, NAMESPACE, n),
+        )
+    # kopf adds any finalizer of its own before it runs a handler, so once the status
+    # is written the MailBridge has every finalizer it will ever get.
+    wait(cluster, operator, "a status", lambda: mailbridge(cluster).get("status"))
+    assert [] == mailbridge(cluster)["metadata"].get("finalizers", [])
+    assert 0 == operator.stop()
+
+    cluster.kubectl("delete", "mailbridge", "inbound", "--timeout=10s", timeout=20)
+    assert cluster.get(MAILBRIDGES, NAMESPACE, "inbound") is None
+    for resource, name in CHILDREN:
+        cluster.wait_for(
+            lambda r=resource, n=name: cluster.get(r, NAMESPACE, n) is None,
+            timeout=5,
+            what=f"{resource} {name} collected",
+        )
+
+
+def test_the_finalizer_an_older_operator_left_is_removed(
+    cluster: Cluster, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    """MailBridges served by a version with the resync timer get released on upgrade."""
+    documents = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    documents[1]["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
+    operator = start_operator("--all-namespaces")
+    wait(
+        cluster,
+        operator,
+        "the old finalizer removed",
+        lambda: not mailbridge(cluster)["metadata"].get("finalizers"),
+    )
+    wait(
+        cluster,
+        operator,
+        "the Deployment",
+        lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound"),
+    )
+    assert not mailbridge(cluster)["metadata"].get("finalizers")
+
+
+def test_the_resync_restores_what_no_watch_sees(
+    cluster: Cluster, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    """ServiceMonitors are not watched: the periodic resync puts them back, with an event."""
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(SERVICE_MONITOR_CRD))
+    operator = start_operator("--all-namespaces", "--resync-interval=1")
+    documents = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    documents[1]["spec"]["monitoring"] = {"serviceMonitor": {"enabled": True}}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
+    monitors = "monitoring.coreos.com/v1/servicemonitors"
+    monitor = wait(
+        cluster, operator, "the ServiceMonitor", lambda: cluster.get(monitors, NAMESPACE, "inbound")
+    )
+    wait(
+        cluster,
+        operator,
+        "the Deployment",
+        lambda: cluster.get("apps/v1/deployments", NAMESPACE, "inbound"),
+    )
+    # Settled: no handler of kopf's is left to retry, only the resync can act now.
+    cluster.mark_rolled_out(NAMESPACE, "Deployment", "inbound")
+    wait(
+        cluster,
+        operator,
+        "Ready",
+        lambda: condition(mailbridge(cluster), "Ready").get("status") == "True",
+    )
+
+    cluster.kubectl(
+        "patch",
+        "servicemonitors.monitoring.coreos.com",
+        "inbound",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"endpoints": [{"port": "smtp"}]}}),
+    )
+    wait(
+        cluster,
+        operator,
+        "the endpoints restored",
+        lambda: cluster.get(monitors, NAMESPACE, "inbound")["spec"] == monitor["spec"],
+        timeout=10,
+    )  # type: ignore[index]
+    cluster.kubectl("delete", "servicemonitors.monitoring.coreos.com", "inbound")
+    wait(
+        cluster,
+        operator,
+        "the ServiceMonitor recreated",
+        lambda: cluster.get(monitors, NAMESPACE, "inbound"),
+        timeout=10,
+    )
+    seen = wait(
+        cluster,
+        operator,
+        "the events",
+        lambda: (
+            (found := events(cluster, "inbound"))
+            and ("Normal", "Updated", "Updated ServiceMonitor inbound") in found
+            and found.count(("Normal", "Created", "Created ServiceMonitor inbound")) == 2
+            and found
+        ),
+    )
+    assert ("Normal", "Ready", "every replica is ready to accept mail") in seen
+    assert [] == mailbridge(cluster)["metadata"].get("finalizers", [])

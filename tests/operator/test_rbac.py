@@ -13,40 +13,11 @@ from collections.abc import Callable
 
 import pytest
 import yaml
-from emulator import OPERATOR_AGENTS, Cluster, OperatorProcess
+from emulator import OPERATOR_AGENTS, SERVICE_MONITOR_CRD, Cluster, OperatorProcess
 
 from mailbridge_operator import rbac
 
 pytestmark = pytest.mark.timeout(90)
-
-SERVICE_MONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "scope": "Namespaced",
-        "names": {
-            "kind": "ServiceMonitor",
-            "plural": "servicemonitors",
-            "singular": "servicemonitor",
-            "listKind": "ServiceMonitorList",
-        },
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                    }
-                },
-            }
-        ],
-    },
-}
 
 
 def bridge(name: str, namespace: str, **spec: object) -> str:
