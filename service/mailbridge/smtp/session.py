@@ -89,6 +89,13 @@ CLOSE_GRACE_SECONDS = 5.0
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 #: What the stdlib address parser (used by aiosmtpd) raises besides HeaderParseError.
 ADDRESS_PARSER_ERRORS = (IndexError, ValueError, TypeError, AttributeError, AssertionError)
+#: The path almost every client sends: "<local@domain>", both dot-atoms (RFC 5322
+#: §3.2.3, ASCII), then the end or blanks before parameters that do not start with a
+#: comment. The stdlib parser aiosmtpd uses returns exactly this address and the text
+#: after the blanks (it costs ~0.1 ms per command); anything else still goes to it.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+PLAIN_PATH = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>(?:[ \t]*$|[ \t]*(?=[^ \t(]))")
 #: A reply line's text without its CRLF (RFC 5321 §4.5.3.1.5: 512 octets with it).
 MAX_REPLY_CHARS = 510
 #: aiosmtpd decodes arguments with ``surrogateescape``: a surrogate is a byte that was not UTF-8.
@@ -304,6 +311,11 @@ class Session(SMTP):
         return True
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = PLAIN_PATH.match(arg)
+        if plain is not None:
+            local_part = plain.group(1).rpartition("@")[0]
+            if not (self.local_part_limit and len(local_part) > self.local_part_limit):
+                return plain.group(1), arg[plain.end() :]
         try:
             address, rest = super()._getaddr(arg)
         except ADDRESS_PARSER_ERRORS:
