@@ -85,8 +85,8 @@ def free_port() -> int:
 
 
 def spawn(argv: list[str], log: Path, *, cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start a process whose output goes to ``log`` (it returns at once)."""
-    with log.open("wb") as out:
+    """Start a process whose output is appended to ``log`` (it returns at once)."""
+    with log.open("ab") as out:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -220,6 +220,8 @@ class Server:
         self.work = WORK / spec.name
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.work / "server.log"
+        shutil.rmtree(self.work, ignore_errors=True)  # fresh for each harness run
+        self.work.mkdir(parents=True)
 
     @property
     def pid(self) -> int:
@@ -227,7 +229,12 @@ class Server:
         return self.proc.pid
 
     async def start(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        # A restart keeps the log: what went wrong before it is the interesting part.
+        for child in self.work.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            elif child != self.log:
+                child.unlink()
         (self.work / "tmp").mkdir(parents=True)
         argv, extra = self.spec.command(self.port, self.hook, self.work)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILBRIDGE_", "OTEL_"))}
@@ -295,6 +302,7 @@ class Sink:
     async def start(self) -> None:
         WORK.mkdir(parents=True, exist_ok=True)
         argv = [str(VENV_PY), str(BENCH / "sink.py"), str(self.port)]
+        (WORK / "sink.log").unlink(missing_ok=True)
         self.proc = spawn(argv, WORK / "sink.log", cwd=WORK, env=dict(os.environ))
         for _ in range(100):
             with contextlib.suppress(OSError):
