@@ -6,6 +6,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -107,4 +108,26 @@ def test_starttls_is_not_offered_when_tls_is_disabled(receiver: ReceiverThread) 
             assert "STARTTLS" not in raw.command("EHLO client.test")
             assert raw.command("STARTTLS")[:3] in ("454", "502")
             assert raw.command("NOOP").startswith("250 ")
+        still_serves(bridge.smtp_port)
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"])
+def test_a_stalled_tls_handshake_is_dropped_by_the_command_timeout(
+    receiver: ReceiverThread, sent: bytes
+) -> None:
+    """STARTTLS, then nothing (or half a ClientHello): the handshake must not wait for ever."""
+    with BridgeThread(
+        routes=[route("r", ["*"], receiver.url)], smtp={"command_timeout_seconds": 1.0}
+    ) as bridge:
+        with Raw(bridge.smtp_port) as raw:
+            raw.command("EHLO client.test")
+            assert raw.command("STARTTLS").startswith("220 ")
+            raw.send(sent)
+            started = time.monotonic()
+            assert raw.closed()
+            assert time.monotonic() - started < 8
+        deadline = time.monotonic() + 5
+        while bridge.metric("mailbridge_smtp_sessions_active") > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         still_serves(bridge.smtp_port)

@@ -11,7 +11,8 @@ What this adds to ``aiosmtpd.smtp.SMTP`` (>= 1.4.6):
 * a source route in RCPT (``<@hop:user@domain>``) is kept for routing to refuse
   as a relay attempt, instead of being silently dropped;
 * STARTTLS inside TLS is refused (``503 5.5.1``) instead of nesting TLS; a failed
-  handshake is the client's problem (logged at info, connection closed), not ours;
+  handshake is the client's problem (logged at info, connection closed), not ours,
+  and an abandoned one (the client went silent) ends the session;
 * DATA is read in large chunks by :mod:`mailbridge.smtp.data` with a deadline
   for the whole transfer (``data_timeout_seconds``), its memory drawn from the
   listener's process-wide :class:`~mailbridge.smtp.limits.DataBudget` (``452 4.3.1``
@@ -377,6 +378,13 @@ class Session(SMTP):
             await self.push("454 4.7.0 TLS not available")
             return
         await super().smtp_STARTTLS(arg)
+        if self.session is None or self.session.ssl is None:
+            # The connection was lost mid-handshake (a timeout abort, a reset): asyncio
+            # wakes the handshake waiter but never tells this protocol, which would
+            # then wait for ever and keep its session slot. End it here.
+            log.info("TLS handshake abandoned")
+            self.connection_lost(None)
+            return
         self.metrics.tls_sessions.inc()
 
     @syntax("AUTH <mechanism>")
