@@ -14,6 +14,9 @@ secrets never enter the ConfigMap: their Secrets are mounted as files and
 listed in ``webhook.secret_files``. The pod template carries
 ``mailbridge.io/config-hash`` over the rendered configuration and the
 referenced Secrets' resourceVersions, so a change to either rolls the pods.
+Both Services carry ``mailbridge.io/job: mailbridge-<name>`` and the
+ServiceMonitor names it as its ``jobLabel``, so every bridge's job matches the
+alert rules' ``job=~".*mailbridge.*"`` whatever the MailBridge is called.
 
 Pure: trusts a parsed spec (or parses a mapping), emits plain dicts, no I/O.
 With persistence, each pod's volume claim is mounted at the bridge's spool
@@ -50,6 +53,9 @@ FILE_MODE = 0o440  # readable by the pod's group (fsGroup), never world-readable
 HASH_ANNOTATION = "mailbridge.io/config-hash"
 MANAGER = "mailbridge-operator"
 HEADLESS_LABEL = "mailbridge.io/service"
+# The Services' label the ServiceMonitor names as its jobLabel: Prometheus calls the
+# bridge's job "mailbridge-<name>", which the alert rules' job=~".*mailbridge.*" takes.
+JOB_LABEL = "mailbridge.io/job"
 
 
 class _SpecSettings(config.Settings):
@@ -87,6 +93,11 @@ def names(name: str) -> dict[str, str]:
         "service_monitor": name,
         "pdb": name,
     }
+
+
+def job_name(name: str) -> str:
+    """The Prometheus job of a bridge's targets: always contains "mailbridge" (63 chars at most)."""
+    return f"mailbridge-{name}"
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -264,6 +275,7 @@ def _service(name: str, namespace: str, spec: model.MailBridgeSpec) -> Manifest:
     if service.load_balancer_source_ranges is not None:
         body["loadBalancerSourceRanges"] = service.load_balancer_source_ranges
     metadata = _metadata(name, names(name)["service"], namespace, spec)
+    metadata["labels"] = metadata["labels"] | {JOB_LABEL: job_name(name)}
     if service.annotations:
         metadata["annotations"] = dict(service.annotations)
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": body}
@@ -271,7 +283,10 @@ def _service(name: str, namespace: str, spec: model.MailBridgeSpec) -> Manifest:
 
 def _headless_service(name: str, namespace: str, spec: model.MailBridgeSpec) -> Manifest:
     metadata = _metadata(name, names(name)["headless"], namespace, spec)
-    metadata["labels"] = metadata["labels"] | {HEADLESS_LABEL: "headless"}
+    metadata["labels"] = metadata["labels"] | {
+        HEADLESS_LABEL: "headless",
+        JOB_LABEL: job_name(name),
+    }
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -494,6 +509,7 @@ def _service_monitor(name: str, namespace: str, spec: model.MailBridgeSpec) -> M
         "kind": "ServiceMonitor",
         "metadata": metadata,
         "spec": {
+            "jobLabel": JOB_LABEL,
             "selector": {"matchLabels": selector_labels(name) | {HEADLESS_LABEL: "headless"}},
             "endpoints": [{"port": "http", "path": "/metrics", "interval": monitor.interval}],
         },

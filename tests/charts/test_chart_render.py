@@ -4,7 +4,8 @@ the tools that know the APIs.
 What this protects: every built-in object is valid for Kubernetes 1.29 and 1.35
 (``kubernetes-validate --strict``: unknown fields are errors); the
 PrometheusRule and the ServiceMonitors of bridges from values are valid for
-prometheus-operator's own models; MailBridges from values pass the CRD's schema
+prometheus-operator's own models, and the rules' MailbridgeDown fires (real
+``promtool``) for the job of a bridge of any name; MailBridges from values pass the CRD's schema
 and CEL rules and the operator's renderer; the RBAC is exactly what the
 operator declares it uses; the operator's pod is locked down, probed on kopf's
 liveness endpoint and never selected by a bridge's Service; monitoring objects
@@ -14,18 +15,21 @@ appear only when the cluster serves their API (or a value forces them).
 from __future__ import annotations
 
 import json
+import pathlib
 import re
+import subprocess
 from collections.abc import Iterable
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
-from chart_tools import CHART, SCENARIOS, VALUES_DIR, Helm, of_kind, one
+from chart_tools import CHART, EXAMPLE_PATH, SCENARIOS, VALUES_DIR, Helm, of_kind, one
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 from crdschema import CrdSchema
 
 from mailbridge_operator import cli, model, rbac, render
+from tests.conftest import require_tool
 
 Manifest = dict[str, Any]
 CUSTOM_KINDS = {"MailBridge", "PrometheusRule", "ServiceMonitor"}
@@ -123,9 +127,89 @@ def test_a_bridges_servicemonitor_from_values_is_valid_and_alerted_on(
     monitor = one(children, "ServiceMonitor")
     check_with_prometheus_operator(monitor)
     assert "kube-prometheus-stack" == monitor["metadata"]["labels"]["release"]
-    # The operator names the job after the headless Service ("<bridge>-headless"): the
-    # availability alerts see it because this bridge's name contains "mailbridge".
-    assert bridge_target(job_of(monitor, of_kind(children, "Service")))
+    name = one(rendered["monitoring"], "MailBridge")["metadata"]["name"]
+    job = job_of(monitor, of_kind(children, "Service"))
+    assert (f"mailbridge-{name}", True) == (job, bridge_target(job))
+
+
+def test_every_bridge_pages_when_down_whatever_its_name(
+    crd: CrdSchema, tmp_path: pathlib.Path
+) -> None:
+    """The rules file's MailbridgeDown fires, under the real promtool, for the job of any
+    bridge the operator renders (named with or without "mailbridge"), not for the operator."""
+    example = next(
+        doc
+        for doc in yaml.safe_load_all(EXAMPLE_PATH.read_text())
+        if doc and doc["kind"] == "MailBridge"
+    )
+    example["spec"]["monitoring"] = {"serviceMonitor": {"enabled": True}}
+    names = ("inbound", "mx", "support-2", "mailbridge-inbound", "a" + "-b" * 25 + "c")
+    jobs = []
+    for name in names:
+        bridge = {**example, "metadata": {"name": name, "namespace": "mail"}}
+        children = bridge_children(crd, bridge)
+        monitor = one(children, "ServiceMonitor")
+        check_with_prometheus_operator(monitor)
+        jobs.append(job_of(monitor, of_kind(children, "Service")))
+    rules_path = CHART / "rules" / "mailbridge.rules.yaml"
+    rules = yaml.safe_load(rules_path.read_text())
+    (down,) = [
+        rule
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "MailbridgeDown"
+    ]
+    series = [
+        {
+            "series": f'up{{namespace="mail", job="{job}", instance="10.0.0.{n}:8080"}}',
+            "values": "0x6",
+        }
+        for n, job in enumerate([*jobs, "mailbridge-operator"], start=1)
+    ]
+    expected = []
+    for job in jobs:
+        labels = {"namespace": "mail", "job": job}
+        expected.append(
+            {
+                "exp_labels": {**down["labels"], **labels},
+                "exp_annotations": {
+                    key: expand(text, labels) for key, text in down["annotations"].items()
+                },
+            }
+        )
+    unit = {
+        "rule_files": [str(rules_path)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "MailbridgeDown", "exp_alerts": expected}
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "bridge-jobs.test.yaml"
+    test_file.write_text(yaml.safe_dump(unit, sort_keys=False))
+    result = subprocess.run(
+        [require_tool("promtool"), "test", "rules", str(test_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stdout + result.stderr
+
+
+def expand(template: str, labels: dict[str, str]) -> str:
+    """An alert annotation as Prometheus fills it in, for the two forms the rules use."""
+    text = template.replace(
+        "{{ with $labels.namespace }}{{ . }}/{{ end }}", f"{labels['namespace']}/"
+    )
+    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], text)
+    assert "{{" not in text, f"a template form expand() does not know: {text}"
+    return text
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

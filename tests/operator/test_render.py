@@ -356,6 +356,25 @@ def test_service_monitor_selects_the_metrics_port() -> None:
     }
 
 
+@pytest.mark.parametrize("name", ["inbound", "mx", "mailbridge-inbound", "a" + "-b" * 25 + "c"])
+def test_every_bridges_job_is_named_mailbridge_after_it(name: str) -> None:
+    """Prometheus names the targets' job after the Service label the ServiceMonitor names."""
+    with_monitor = spec(monitoring={"serviceMonitor": {"enabled": True}})
+    manifests = by_kind(render.render(name, "mail", with_monitor, {}))
+    monitor = manifests[f"ServiceMonitor/{name}"]
+    assert render.JOB_LABEL == monitor["spec"]["jobLabel"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (scraped,) = [
+        service
+        for key, service in manifests.items()
+        if key.startswith("Service/") and selector.items() <= service["metadata"]["labels"].items()
+    ]
+    job = scraped["metadata"]["labels"][render.JOB_LABEL]
+    assert f"mailbridge-{name}" == job == render.job_name(name)
+    assert job == manifests[f"Service/{name}"]["metadata"]["labels"][render.JOB_LABEL]
+    assert len(job) <= 63  # a label value; names are at most 52 characters
+
+
 def test_pdb_defaults_to_one_unavailable() -> None:
     pdb = spec(podDisruptionBudget={"enabled": True})
     manifests = by_kind(render.render("mx", "mail", pdb, {}))
