@@ -60,6 +60,8 @@ INCOMING_SECONDS = 1.0
 RECONCILE_SECONDS = 10.0
 #: How often the directory is proven writable.
 PROBE_SECONDS = 5.0
+#: How long one count of the spool's states serves the metrics.
+CENSUS_SECONDS = 1.0
 #: Rough bytes of a spool file beyond the raw message (header, end marker).
 OVERHEAD_BYTES = 1024
 
@@ -103,6 +105,7 @@ class Spool:
         self._removals: list[Path] = []
         self._removal_wake = asyncio.Event()
         self._remover: asyncio.Task[None] | None = None
+        self._census_cache: tuple[float, dict[str, float]] | None = None
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -158,21 +161,35 @@ class Spool:
     # --- what is in it ------------------------------------------------------------
 
     def count(self, state: str) -> float:
-        now = self.clock()
-        total = 0
-        for entry in self.entries.values():
-            if state == "dead":
-                total += entry.where == DEAD
-            elif state == "inflight":
-                total += entry.where == ACTIVE or (entry.busy and entry.where == QUEUE)
-            elif entry.where == QUEUE and not entry.busy:
-                due = entry.due_at
-                total += (due <= now) if state == "queued" else (due > now)
-        return float(total)
+        """Messages in ``state`` (queued, deferred, inflight, dead) now."""
+        return float(self._census()[state])
 
     def oldest_age(self) -> float:
-        waiting = [e.header.received_at for e in self.entries.values() if e.where != DEAD]
-        return max(0.0, self.clock() - min(waiting)) if waiting else 0.0
+        """Seconds the oldest message not yet dead has waited (0 when none)."""
+        return self._census()["oldest_age"]
+
+    def _census(self) -> dict[str, float]:
+        """One pass over the index, reused for :data:`CENSUS_SECONDS` (a scrape reads
+        five gauges; a spool can hold 100,000 entries)."""
+        now = self.clock()
+        if self._census_cache is not None and now - self._census_cache[0] < CENSUS_SECONDS:
+            return self._census_cache[1]
+        counts = {"queued": 0.0, "deferred": 0.0, "inflight": 0.0, "dead": 0.0}
+        oldest = now
+        for entry in self.entries.values():
+            if entry.where == DEAD:
+                counts["dead"] += 1
+                continue
+            oldest = min(oldest, entry.header.received_at)
+            if entry.where == ACTIVE or entry.busy:
+                counts["inflight"] += 1
+            elif entry.due_at <= now:
+                counts["queued"] += 1
+            else:
+                counts["deferred"] += 1
+        census = {**counts, "oldest_age": max(0.0, now - oldest)}
+        self._census_cache = (now, census)
+        return census
 
     @property
     def used_bytes(self) -> int:
