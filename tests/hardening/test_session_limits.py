@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
 
 from mailbridge.smtp import limits
-from tests.hardening.smtp_client import Raw
+from mailbridge.smtp import session as smtp_session
+from tests.hardening.smtp_client import Raw, still_serves, transaction
 from tests.support.bridge import BridgeThread, route
 from tests.support.receiver import ReceiverThread
 
@@ -57,3 +64,78 @@ def test_a_client_rotating_ipv6_addresses_behind_a_proxy_is_capped(
         finally:
             for raw in held:
                 raw.close()
+
+
+def test_every_way_of_abandoning_a_session_gives_its_slot_back(
+    receiver: ReceiverThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silent, half-closed, mid-DATA, mid-handshake, after TLS, not reading, refused:
+    with every client still holding its socket open, the bridge frees every slot."""
+    monkeypatch.setattr(smtp_session, "SESSION_TIMEOUT_SECONDS", 2.0)
+    with BridgeThread(
+        routes=[route("r", ["*"], receiver.url)],
+        smtp={"command_timeout_seconds": 1.0, "data_timeout_seconds": 1.5, "max_sessions": 40},
+    ) as bridge:
+
+        def silent(raw: Raw) -> None:
+            pass
+
+        def half_close(raw: Raw) -> None:
+            raw.command("EHLO client.test")
+            raw.sock.shutdown(socket.SHUT_WR)
+
+        def mid_data(raw: Raw) -> None:
+            transaction(raw, rcpt="x@y.test")
+            raw.command("DATA")
+            raw.send(b"Subject: never ends\r\n\r\n")
+
+        def mid_handshake(raw: Raw) -> None:
+            raw.command("EHLO client.test")
+            raw.command("STARTTLS")
+            raw.send(b"\x16\x03\x01\x00")
+
+        def tls_then_silent(raw: Raw) -> None:
+            raw.command("EHLO client.test")
+            raw.starttls()
+
+        def not_reading(raw: Raw) -> None:
+            raw.sock.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                for _ in range(200):
+                    raw.sock.sendall(b"HELP\r\n" * 2000)
+
+        def refused(raw: Raw) -> None:
+            raw.command("EHLO client.test")
+            raw.command("MAIL FROM:<a@b.test>")
+            raw.send(b"".join(b"RCPT TO:<u%d@evil.test%%x>\r\n" % n for n in range(30)))
+
+        behaviours: list[Callable[[Raw], None]] = [
+            silent, half_close, mid_data, mid_handshake, tls_then_silent, not_reading, refused
+        ]  # fmt: skip
+        opened: list[Raw] = []
+        lock = threading.Lock()
+
+        def run(behaviour: Callable[[Raw], None]) -> None:
+            raw = Raw(bridge.smtp_port)
+            with lock:
+                opened.append(raw)
+            with contextlib.suppress(OSError):
+                behaviour(raw)
+
+        threads = [threading.Thread(target=run, args=(b,)) for b in behaviours * 3]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert len(opened) == len(threads)
+            # Every client still holds its socket: only the bridge can end these sessions.
+            deadline = time.monotonic() + 10
+            while bridge.metric("mailbridge_smtp_sessions_active") > 0:
+                active = bridge.metric("mailbridge_smtp_sessions_active")
+                assert time.monotonic() < deadline, f"{active} sessions never ended"
+                time.sleep(0.05)
+        finally:
+            for raw in opened:
+                raw.close()
+        still_serves(bridge.smtp_port)
