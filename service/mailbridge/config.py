@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -463,6 +464,31 @@ def load(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as error:
         raise ConfigError(describe(error)) from None
+
+
+class _Given(Settings):
+    """Settings from the given values only: no environment, no ``.env``, no YAML file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def from_mapping(values: Mapping[str, Any]) -> Settings:
+    """Settings from ``values`` alone, whatever the process environment holds.
+
+    For callers that build settings from their own data (the operator from a
+    MailBridge spec, tests); raises pydantic's ``ValidationError`` (see :func:`describe`).
+    Note that ``Settings.model_validate`` would still read ``MAILBRIDGE_*`` variables.
+    """
+    return _Given.model_validate(dict(values))
 
 
 def _check_yaml_file(path: Path) -> None:

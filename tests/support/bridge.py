@@ -3,8 +3,8 @@
     with BridgeThread(routes=[...], smtp={"max_recipients": 3}) as bridge:
         smtplib.SMTP("127.0.0.1", bridge.smtp_port)
 
-Ports are ephemeral; settings are built with ``Settings.model_validate`` so the
-environment of the test process is not read.
+Ports are ephemeral; settings are built with ``config.from_mapping`` so the
+environment of the test process (MAILBRIDGE_*, .env) is not read.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class BridgeThread:
             **data.get("smtp", {}),
         }
         data["http"] = {"host": "127.0.0.1", "port": 0, **data.get("http", {})}
-        self.settings = config.Settings.model_validate(data)
+        self.settings = config.from_mapping(data)
         self.running: app.Running | None = None
         self.exit_code: int | None = None
         self._started = threading.Event()

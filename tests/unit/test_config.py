@@ -188,3 +188,13 @@ def test_to_yaml_redacts_secrets_and_round_trips(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("MAILBRIDGE_WEBHOOK_SECRET")
     again = config.Settings.model_validate(yaml.safe_load(revealed))
     assert settings.model_dump(mode="json") == again.model_dump(mode="json")
+
+
+def test_from_mapping_ignores_the_environment_and_dotenv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MAILBRIDGE_SMTP__PORT", "2999")
+    (tmp_path / ".env").write_text("MAILBRIDGE_SMTP__HOSTNAME=from-dotenv\n")
+    settings = config.from_mapping({"smtp": {"hostname": "given"}})
+    assert (2525, "given") == (settings.smtp.port, settings.smtp.hostname)
+    assert 2999 == config.load().smtp.port  # while load() reads both
