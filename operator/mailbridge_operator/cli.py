@@ -10,25 +10,43 @@ peering CRDs and lets several replicas take turns (kopf pauses its watchers on
 the replicas whose turn it is not; the periodic resync, ``--resync-interval``,
 is the operator's own task and keeps running there).
 
-Reads the environment only when run (``$KUBECONFIG``), never at import.
+The bridges run their MailBridge's ``spec.image``, else
+``$MAILBRIDGE_OPERATOR_BRIDGE_IMAGE`` (the Helm chart sets it to its own
+``image.*``), else the image of the operator's version
+(``ghcr.io/mailbridge/mailbridge:<version>``).
+
+Reads the environment only when run (``$KUBECONFIG``,
+``$MAILBRIDGE_OPERATOR_BRIDGE_IMAGE``), never at import.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import kopf
 
-from mailbridge_operator import resync
+from mailbridge_operator import model, resync
+
+BRIDGE_IMAGE_ENV = "MAILBRIDGE_OPERATOR_BRIDGE_IMAGE"
+IMAGE_MAX_LENGTH = 512  # as the CRD's spec.image
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailbridge-operator",
         description="Run the MailBridge operator: turn MailBridge resources into running bridges.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""environment:
+  {BRIDGE_IMAGE_ENV}
+                        the bridges' image when a MailBridge sets no spec.image
+                        (the Helm chart sets it from its image.* values);
+                        default: {model.DEFAULT_IMAGE}
+  KUBECONFIG            the cluster to use outside a pod (in a pod: its service
+                        account)""",
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
@@ -92,8 +110,24 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def bridge_image(environ: Mapping[str, str]) -> str:
+    """The bridges' default image: ``$MAILBRIDGE_OPERATOR_BRIDGE_IMAGE`` when set (and not
+    empty), else the operator's own version; :class:`ValueError` if it is no image reference."""
+    image = environ.get(BRIDGE_IMAGE_ENV, "")
+    if not image:
+        return model.DEFAULT_IMAGE
+    if len(image) > IMAGE_MAX_LENGTH or any(char.isspace() for char in image):
+        raise ValueError(f"{BRIDGE_IMAGE_ENV}={image!r} is not an image reference")
+    return image
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        image = bridge_image(os.environ)
+    except ValueError as error:
+        parser.error(str(error))
     # Importing registers the handlers in kopf's default registry.
     from mailbridge_operator import handlers  # noqa: F401
 
@@ -115,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 memo=kopf.Memo(
                     metrics_address=args.metrics_address,
                     resync_seconds=args.resync_interval,
+                    bridge_image=image,
                 ),
             )
         )

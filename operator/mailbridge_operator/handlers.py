@@ -25,7 +25,8 @@ children carry owner references and the garbage collector removes them. So no
 handler needs kopf's finalizer, and kopf adds none (and removes the one older
 versions of the operator added, the first time it handles the MailBridge).
 kopf keeps its bookkeeping in ``mailbridge.io/`` annotations, so the status
-holds only what the CRD's schema describes.
+holds only what the CRD's schema describes. The bridges' default image comes
+from the memo (``bridge_image``, which the CLI reads from the environment).
 """
 
 from __future__ import annotations
@@ -224,7 +225,12 @@ async def _pass(
     key = (owner["metadata"]["namespace"], owner["metadata"]["name"])
     started = time.monotonic()
     try:
-        outcome = await reconcile.reconcile(memo.api, owner, logger=logger)
+        outcome = await reconcile.reconcile(
+            memo.api,
+            owner,
+            logger=logger,
+            default_image=memo.get("bridge_image") or model.DEFAULT_IMAGE,
+        )
     except Exception:
         metrics.observe("failed", time.monotonic() - started, ())
         raise

@@ -83,8 +83,12 @@ async def reconcile(
     *,
     logger: logging.Logger | logging.LoggerAdapter[Any],
     now: Callable[[], datetime.datetime] = _utcnow,
+    default_image: str = model.DEFAULT_IMAGE,
 ) -> Outcome:
-    """Bring the children of ``owner`` (a MailBridge body) to the state its spec asks for."""
+    """Bring the children of ``owner`` (a MailBridge body) to the state its spec asks for.
+
+    ``default_image``: the bridges' image when the spec sets none (see :func:`render.render`).
+    """
     metadata = owner["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
     generation = metadata.get("generation")
@@ -94,7 +98,7 @@ async def reconcile(
         model.check_name(name)
         spec = model.parse(owner.get("spec") or {})
         versions = await _secret_versions(api, namespace, spec.secret_names)
-        manifests = render.render(name, namespace, spec, versions)
+        manifests = render.render(name, namespace, spec, versions, default_image=default_image)
     except kube.ApiError as error:
         message = f"reading the referenced Secrets: {error}"
         observation = status.Observation(generation, apply_error=message)

@@ -14,6 +14,8 @@ secrets never enter the ConfigMap: their Secrets are mounted as files and
 listed in ``webhook.secret_files``. The pod template carries
 ``mailbridge.io/config-hash`` over the rendered configuration and the
 referenced Secrets' resourceVersions, so a change to either rolls the pods.
+The bridges run ``spec.image``, else the image the operator was given
+(``default_image``), else the operator's own version of the image.
 Both Services carry ``mailbridge.io/job: mailbridge-<name>`` and the
 ServiceMonitor names it as its ``jobLabel``, so every bridge's job matches the
 alert rules' ``job=~".*mailbridge.*"`` whatever the MailBridge is called.
@@ -214,14 +216,20 @@ def render(
     namespace: str,
     spec: model.MailBridgeSpec | Mapping[str, Any],
     secret_versions: Mapping[str, str | None],
+    *,
+    default_image: str = model.DEFAULT_IMAGE,
 ) -> list[Manifest]:
     """Every child of the MailBridge, in apply order; :class:`InvalidSpecError` if impossible.
 
     ``secret_versions`` maps each name of :attr:`MailBridgeSpec.secret_names` to its
-    resourceVersion (``None`` while the Secret does not exist).
+    resourceVersion (``None`` while the Secret does not exist). ``default_image`` is
+    the bridges' image when the spec sets none (the operator's
+    ``MAILBRIDGE_OPERATOR_BRIDGE_IMAGE``); it also gives the version label.
     """
     model.check_name(name)
     parsed = spec if isinstance(spec, model.MailBridgeSpec) else model.parse(spec)
+    if parsed.image is None:
+        parsed = parsed.model_copy(update={"image": default_image})
     text = config_yaml(name, namespace, parsed)
     versions = {secret: secret_versions.get(secret) for secret in parsed.secret_names}
     digest = config_hash(text, versions)

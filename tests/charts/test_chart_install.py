@@ -292,3 +292,49 @@ def test_a_mailbridge_can_be_deleted_when_the_operator_is_gone(
         timeout=5,
         what="its children to be collected",
     )
+
+
+def test_bridges_run_the_charts_image_unless_their_spec_names_one(
+    installed: Installed,
+    cluster: emulator.Cluster,
+    tmp_path: pathlib.Path,
+    operator_log: list[InstalledOperator],
+) -> None:
+    """A mirrored image.* reaches the bridges through the operator's environment."""
+    installed.run(
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "image.repository=registry.example/mirror/mailbridge",
+        "--set",
+        "image.tag=9.9.9",
+        "--wait",
+        "--timeout=60s",
+    )
+    deployment = installed.deployment()
+    operator = InstalledOperator(cluster, deployment, tmp_path / "operator.log")
+    operator_log.append(operator)
+    operator.wait_watching()
+    assert "registry.example/mirror/mailbridge:9.9.9" == operator.container["image"]
+
+    documents = [d for d in yaml.safe_load_all(EXAMPLE_PATH.read_text()) if d]
+    pinned = yaml.safe_load(yaml.safe_dump(documents[1]))
+    pinned["metadata"]["name"] = "pinned"
+    pinned["spec"]["image"] = "ghcr.io/mailbridge/mailbridge:0.0.9"
+    cluster.kubectl(
+        "apply", "-n", "default", "-f", "-", input=yaml.safe_dump_all([*documents, pinned])
+    )
+    images = {
+        name: wait_for_children(cluster, operator, "default", name)["Deployment"]["spec"][
+            "template"
+        ]["spec"]["containers"][0]["image"]
+        for name in ("inbound", "pinned")
+    }
+    assert {
+        "inbound": "registry.example/mirror/mailbridge:9.9.9",
+        "pinned": "ghcr.io/mailbridge/mailbridge:0.0.9",
+    } == images

@@ -35,6 +35,7 @@ Manifest = dict[str, Any]
 CUSTOM_KINDS = {"MailBridge", "PrometheusRule", "ServiceMonitor"}
 KUBERNETES_VERSIONS = ("1.29.0", "1.35.0")
 UID = render.UID  # the user of the operator's bridge pods, the image and the chart
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 
 
 def triples(rules: Iterable[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -429,6 +430,36 @@ def test_values_reach_the_operators_pod(rendered: dict[str, list[Manifest]]) -> 
         bridges["containers"][0]["image"]
     )
     assert [{"name": "registry-credentials"}] == bridges["imagePullSecrets"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "image"),
+    [
+        ((), f"ghcr.io/mailbridge/mailbridge:{APP_VERSION}"),
+        (
+            ("image.repository=registry.example/mirror/mailbridge", "image.tag=9.9.9"),
+            "registry.example/mirror/mailbridge:9.9.9",
+        ),
+        (
+            ("image.digest=sha256:" + "ab" * 32, "image.tag=9.9.9"),
+            "ghcr.io/mailbridge/mailbridge@sha256:" + "ab" * 32,
+        ),
+    ],
+)
+def test_the_operator_gives_its_bridges_the_charts_image(
+    helm: Helm, settings: tuple[str, ...], image: str
+) -> None:
+    args = ["--set", "operator.extraEnv[0].name=HTTPS_PROXY"]
+    args += ["--set", "operator.extraEnv[0].value=http://proxy.example:3128"]
+    for setting in settings:
+        args += ["--set", setting]
+    (container,) = one(helm.template(*args), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert image == container["image"]
+    assert [
+        {"name": cli.BRIDGE_IMAGE_ENV, "value": image},
+        {"name": "HTTPS_PROXY", "value": "http://proxy.example:3128"},
+    ] == container["env"]
+    assert image == cli.bridge_image({e["name"]: e["value"] for e in container["env"]})
 
 
 def test_the_helm_test_pod_asks_the_operators_service(rendered: dict[str, list[Manifest]]) -> None:

@@ -157,6 +157,10 @@ def test_every_object_in_the_schema_refuses_unknown_keys() -> None:
             "additional properties 'routez' not allowed",
         ),
         ("bridges[0].name=Bad_Name,bridges[0].spec.routes=[]", "/bridges/0/name"),
+        (
+            "operator.extraEnv[0].name=MAILBRIDGE_OPERATOR_BRIDGE_IMAGE,operator.extraEnv[0].value=x",
+            "/operator/extraEnv/0",
+        ),
     ],
 )
 def test_a_typo_in_values_fails_the_install(helm: Helm, setting: str, message: str) -> None:

@@ -78,16 +78,17 @@ def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 def start_operator(
     cluster: emulator.Cluster, tmp_path: pathlib.Path
 ) -> Iterator[Callable[..., emulator.OperatorProcess]]:
-    """Start the real ``mailbridge-operator`` (a subprocess) with extra arguments.
+    """Start the real ``mailbridge-operator`` (a subprocess) with extra arguments (and
+    extra environment variables: ``env=``).
 
     At the end: each process started here gets SIGTERM (by its PID), must exit 0, and
     every request it made must be allowed by ``rbac.RULES``.
     """
     started: list[emulator.OperatorProcess] = []
 
-    def start(*args: str) -> emulator.OperatorProcess:
+    def start(*args: str, env: dict[str, str] | None = None) -> emulator.OperatorProcess:
         process = emulator.OperatorProcess(
-            cluster, tmp_path / f"operator-{len(started)}.log", *args
+            cluster, tmp_path / f"operator-{len(started)}.log", *args, env=env
         )
         started.append(process)
         process.wait_started()

@@ -1613,7 +1613,13 @@ class Cluster:
 class OperatorProcess:
     """``mailbridge-operator`` running against a :class:`Cluster` (started by this test only)."""
 
-    def __init__(self, cluster: Cluster, log_path: pathlib.Path, *args: str) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        log_path: pathlib.Path,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         executable = pathlib.Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "mailbridge-operator"
         if not executable.exists():
             executable = (
@@ -1638,7 +1644,7 @@ class OperatorProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=cluster.env(),
+            env=cluster.env(**(env or {})),
             cwd=cluster.directory,
         )
 

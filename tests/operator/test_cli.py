@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import urllib.request
 
 import pytest
 from emulator import Cluster, OperatorProcess
+
+from mailbridge_operator import cli, model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,6 +32,8 @@ def test_help_describes_the_options() -> None:
         "--metrics-address",
         "--resync-interval",
         "--peering",
+        "MAILBRIDGE_OPERATOR_BRIDGE_IMAGE",
+        model.DEFAULT_IMAGE,
     ):
         assert option in result.stdout
 
@@ -44,6 +49,38 @@ def test_bad_arguments_exit_with_usage() -> None:
     )
     assert 2 == result.returncode
     assert "not allowed with argument" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("environ", "image"),
+    [
+        ({}, model.DEFAULT_IMAGE),
+        ({"MAILBRIDGE_OPERATOR_BRIDGE_IMAGE": ""}, model.DEFAULT_IMAGE),
+        ({"MAILBRIDGE_OPERATOR_BRIDGE_IMAGE": "mirror.example/mb:2"}, "mirror.example/mb:2"),
+        ({"MAILBRIDGE_OPERATOR_BRIDGE_IMAGE": "mb@sha256:" + "a" * 64}, "mb@sha256:" + "a" * 64),
+    ],
+)
+def test_the_bridges_default_image_comes_from_the_environment(
+    environ: dict[str, str], image: str
+) -> None:
+    assert image == cli.bridge_image(environ)
+
+
+@pytest.mark.parametrize("value", ["mirror.example/mb:2 --debug", " ", "x" * 513])
+def test_a_bridge_image_that_is_no_reference_stops_the_operator(value: str) -> None:
+    with pytest.raises(ValueError, match="MAILBRIDGE_OPERATOR_BRIDGE_IMAGE"):
+        cli.bridge_image({"MAILBRIDGE_OPERATOR_BRIDGE_IMAGE": value})
+    executable = pathlib.Path(sys.executable).parent / "mailbridge-operator"
+    result = subprocess.run(
+        [str(executable)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=os.environ | {"MAILBRIDGE_OPERATOR_BRIDGE_IMAGE": value},
+    )
+    assert 2 == result.returncode
+    assert "is not an image reference" in result.stderr
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])

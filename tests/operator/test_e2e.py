@@ -7,6 +7,7 @@ allowed by :data:`mailbridge_operator.rbac.RULES` (see ``conftest.operator``).
 
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 from collections.abc import Callable
@@ -564,3 +565,26 @@ def test_the_resync_restores_what_no_watch_sees(
     )
     assert ("Normal", "Ready", "every replica is ready to accept mail") in seen
     assert [] == mailbridge(cluster)["metadata"].get("finalizers", [])
+
+
+def test_bridges_run_the_image_the_operator_was_given_unless_their_spec_names_one(
+    cluster: Cluster, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    mirrored = "registry.example/mirror/mailbridge:9.9.9"
+    operator = start_operator(
+        "--all-namespaces", env={"MAILBRIDGE_OPERATOR_BRIDGE_IMAGE": mirrored}
+    )
+    documents = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    pinned = copy.deepcopy(documents[1])
+    pinned["metadata"]["name"] = "pinned"
+    pinned["spec"]["image"] = "ghcr.io/mailbridge/mailbridge:0.0.9"
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([*documents, pinned]))
+
+    def image(name: str) -> str | None:
+        found = cluster.get("apps/v1/deployments", NAMESPACE, name)
+        return found["spec"]["template"]["spec"]["containers"][0]["image"] if found else None
+
+    wait(cluster, operator, "the Deployments", lambda: image("inbound") and image("pinned"))
+    assert (mirrored, "ghcr.io/mailbridge/mailbridge:0.0.9") == (image("inbound"), image("pinned"))
+    labels = cluster.get("apps/v1/deployments", NAMESPACE, "inbound")["metadata"]["labels"]  # type: ignore[index]
+    assert "9.9.9" == labels["app.kubernetes.io/version"]

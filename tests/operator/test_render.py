@@ -446,3 +446,24 @@ def test_image_tag_becomes_the_version_label() -> None:
     assert "1.2.3" == manifests[0]["metadata"]["labels"]["app.kubernetes.io/version"]
     digest_only = render.render("mx", "mail", SPECS["scheduling and extras"], {})
     assert "app.kubernetes.io/version" not in digest_only[0]["metadata"]["labels"]
+
+
+def test_a_spec_without_an_image_runs_the_image_the_operator_was_given() -> None:
+    mirrored = "registry.example/mirror/mailbridge:9.9.9"
+    for manifests, image, version in (
+        (render.render("mx", "mail", spec(), {}), model.DEFAULT_IMAGE, None),
+        (render.render("mx", "mail", spec(), {}, default_image=mirrored), mirrored, "9.9.9"),
+        (
+            render.render(
+                "mx", "mail", spec(image="ghcr.io/x/mb:1.2.3"), {}, default_image=mirrored
+            ),
+            "ghcr.io/x/mb:1.2.3",
+            "1.2.3",
+        ),
+    ):
+        children = by_kind(manifests)
+        pod = children["Deployment/mx"]["spec"]["template"]
+        assert image == pod["spec"]["containers"][0]["image"]
+        expected = version or model.DEFAULT_IMAGE.rpartition(":")[2]
+        assert expected == pod["metadata"]["labels"]["app.kubernetes.io/version"]
+        assert expected == children["Service/mx"]["metadata"]["labels"]["app.kubernetes.io/version"]
