@@ -3,6 +3,7 @@
     .venv/bin/python -m fuzz.run smtp  fuzz/corpus/smtp  -max_total_time=3600
     .venv/bin/python -m fuzz.run mime  fuzz/corpus/mime  -max_total_time=3600
     .venv/bin/python -m fuzz.run data  fuzz/corpus/data  -max_total_time=3600
+    .venv/bin/python -m fuzz.run path  fuzz/corpus/path  -max_total_time=3600
 
 Arguments after the target name go to libFuzzer unchanged (``-runs=``,
 ``-max_total_time=``, ``-jobs=``, a corpus folder, ``-artifact_prefix=``...). A
@@ -17,7 +18,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-TARGETS = ("smtp", "mime", "data")
+TARGETS = ("smtp", "mime", "data", "path")
 
 
 def _smtp(raw: bytes) -> None:
@@ -51,6 +52,13 @@ def _data(raw: bytes) -> None:
     )
 
 
+def _path(raw: bytes) -> None:
+    from fuzz import targets
+
+    # As aiosmtpd hands a MAIL/RCPT argument over: UTF-8 with surrogate escapes.
+    targets.address_path(raw.decode("utf-8", "surrogateescape"))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in TARGETS:
         sys.exit(f"usage: python -m fuzz.run {{{','.join(TARGETS)}}} [libFuzzer options]")
@@ -63,7 +71,9 @@ def main(argv: list[str]) -> None:
     name = argv[1]
     with atheris.instrument_imports(include=["mailbridge", "aiosmtpd", "email", "fuzz"]):
         from fuzz import targets  # noqa: F401  (instrumented on first import)
-    chosen: Callable[[bytes], None] = {"smtp": _smtp, "mime": _mime, "data": _data}[name]
+    chosen: Callable[[bytes], None] = {"smtp": _smtp, "mime": _mime, "data": _data, "path": _path}[
+        name
+    ]
     atheris.Setup([argv[0], *argv[2:]], chosen)
     atheris.Fuzz()
 

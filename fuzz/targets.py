@@ -16,6 +16,10 @@ Three targets, shared by the hypothesis smoke run in the test suite
 ``mime(raw)``
     :func:`mailbridge.parsing.parse` and the payload build: never raises, every
     string is valid UTF-8 without NUL, the encoded payload is valid JSON.
+``address_path(arg)``
+    The session's own reading of a ``MAIL FROM:``/``RCPT TO:`` path (with its fast
+    path for plain ``<local@domain>``) against aiosmtpd's stdlib-based reading:
+    the same address and the same rest, or both malformed.
 ``data_reader(stream, ...)``
     :func:`mailbridge.smtp.data.read` against an independent line-by-line model
     of RFC 5321 §4.5.2 (end only at ``<CRLF>.<CRLF>``, one leading dot removed),
@@ -28,10 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import re
 from collections.abc import Sequence
 from typing import Any
+
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
 from mailbridge import parsing, payload, pipeline, routing
 from mailbridge.config import ParsingSettings, SmtpSettings
@@ -40,7 +47,7 @@ from mailbridge.payload import Envelope
 from mailbridge.smtp import data
 from mailbridge.smtp.handler import Handler
 from mailbridge.smtp.limits import DataBudget, SessionLimits
-from mailbridge.smtp.session import HAS_ENHANCED, TEMPORARY_ERROR, Session
+from mailbridge.smtp.session import ADDRESS_PARSER_ERRORS, HAS_ENHANCED, TEMPORARY_ERROR, Session
 
 _LOOP: asyncio.AbstractEventLoop | None = None
 _METRICS: Metrics | None = None
@@ -248,6 +255,32 @@ def smtp_session(chunks: Sequence[bytes]) -> list[str]:
             assert routing.match(ROUTES, recipient), recipient
     assert budget.in_flight == 0, "the DATA budget was not given back"
     return [line.decode("utf-8") for line in replies]
+
+
+# --- MAIL/RCPT paths -------------------------------------------------------
+
+
+@functools.cache
+def _path_reader() -> Session:
+    return Session(
+        Handler(SMTP, ROUTES, _Dispatch(), _metrics()),
+        settings=SMTP,
+        limits=SessionLimits(max_sessions=1, max_sessions_per_ip=1),
+        metrics=_metrics(),
+        tls_context=None,
+        loop=_loop(),
+    )
+
+
+def address_path(arg: str) -> None:
+    """The session reads a path exactly as aiosmtpd's stdlib-based reader does."""
+    session = _path_reader()
+    ours = session._getaddr(arg)
+    try:
+        theirs = AiosmtpdSMTP._getaddr(session, arg)
+    except ADDRESS_PARSER_ERRORS:
+        theirs = (None, None)
+    assert ours == theirs, f"{arg!r}: {ours!r} != {theirs!r}"
 
 
 # --- the MIME parser -------------------------------------------------------

@@ -180,3 +180,25 @@ def test_the_data_reader_agrees_with_the_rfc_model(
     targets.data_reader(
         stream, chunk=chunk, max_bytes=max_bytes, max_line=max_line, budget_bytes=budget_bytes
     )
+
+
+ATOM = st.text(alphabet="aZ09!#$%&'*+/=?^_`{|}~-.é", min_size=1, max_size=8)
+PATH_TAIL = st.text(alphabet=' \t()aZ=<>@"x.,:;\\', max_size=12)
+
+
+@SMOKE
+@given(
+    st.one_of(
+        st.tuples(st.sampled_from(["", " ", "\t"]), ATOM, ATOM, PATH_TAIL).map(
+            lambda parts: f"{parts[0]}<{parts[1]}@{parts[2]}>{parts[3]}"
+        ),
+        st.text(alphabet='<>@. \t()aZ09!#%"[]:,;\\', max_size=30),
+    )
+)
+@example("<a@b> SIZE=10")
+@example("<a@b>(comment) SIZE=10")
+@example("<a.@b>")
+@example("<@hop:a@b>")
+@example(" -\udc8f\\\udc87$.\x00@[ ")  # found by atheris: UnboundLocalError in the stdlib
+def test_the_session_reads_mail_and_rcpt_paths_as_aiosmtpd_does(arg: str) -> None:
+    targets.address_path(arg)
