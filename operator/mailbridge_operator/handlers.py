@@ -83,6 +83,7 @@ async def configure(
             ),
             name="mailbridge resync",
         )
+        memo.resync_task.add_done_callback(lambda task: _report_end(task, logger))
 
 
 @kopf.on.login()
@@ -91,12 +92,27 @@ def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo
     return kube.login(settings)
 
 
+@kopf.on.probe(id="resync")
+def resync_running(memo: kopf.Memo, **_: Any) -> int:
+    """For ``/healthz``: how many MailBridges the resync tracks; fails once it has stopped
+    (so the liveness probe restarts an operator whose drift correction died)."""
+    task = memo.get("resync_task")
+    if task is None or task.done():
+        raise kopf.PermanentError("the periodic resync is not running")
+    return len(memo.schedule)
+
+
+def _report_end(task: asyncio.Task[None], logger: kopf.Logger) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("The periodic resync stopped.", exc_info=task.exception())
+
+
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     task = memo.get("resync_task")
     if task is not None:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by _report_end
             await task
     api = memo.get("api")
     if api is not None:

@@ -10,7 +10,8 @@ Why not ``@kopf.timer``: kopf keeps its finalizer on every object a timer or
 daemon serves (it must see the deletion to stop them), so no MailBridge could be
 deleted while no operator runs. This loop belongs to the operator, not to the
 objects: the handlers start it on startup and cancel it on cleanup, and kopf
-adds no finalizer for it.
+adds no finalizer for it (nor supervises it: a kopf probe, ``resync``, makes
+``/healthz`` fail if it stops).
 
 :class:`Schedule` is pure (the caller passes ``now``, a monotonic clock);
 :func:`run` is the loop, with the clock, the sleep and the reconciliation passed
@@ -40,6 +41,10 @@ class Schedule:
             raise ValueError("the resync interval must be positive")
         self.interval_seconds = interval_seconds
         self._last: dict[Key, float] = {}
+
+    def __len__(self) -> int:
+        """How many MailBridges it tracks."""
+        return len(self._last)
 
     def passed(self, key: Key, now: float) -> None:
         """A pass for ``key`` ended at ``now`` (whoever ran it, whatever its outcome)."""

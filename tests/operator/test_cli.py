@@ -102,7 +102,7 @@ def test_health_and_metrics_endpoints(cluster: Cluster, operator: OperatorProces
         f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5
     ) as response:
         assert 200 == response.status
-        json.loads(response.read())
+        assert "resync" in json.loads(response.read())  # the probe of the resync task
     cluster.apply_file(EXAMPLE)
     cluster.wait_for(
         lambda: cluster.get("apps/v1/deployments", "default", "inbound"),

@@ -1,4 +1,5 @@
-"""resync: which MailBridges are due for a periodic pass, and the loop that runs them.
+"""resync: which MailBridges are due for a periodic pass, the loop that runs them, and the
+liveness probe that reports on it.
 
 On a fake clock: the loop's sleep advances it, so no test waits for real time.
 """
@@ -6,11 +7,13 @@ On a fake clock: the loop's sleep advances it, so no test waits for real time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
+import kopf
 import pytest
 
-from mailbridge_operator import resync
+from mailbridge_operator import handlers, resync
 
 A, B, C = ("mail", "a"), ("mail", "b"), ("other", "c")
 
@@ -134,3 +137,16 @@ async def test_passes_run_concurrently_up_to_the_limit() -> None:
             sleep=time.sleep,
         )
     assert 3 == most
+
+
+async def test_the_liveness_probe_fails_once_the_resync_has_stopped() -> None:
+    """kopf supervises its timers; this task it does not, so /healthz reports on it."""
+    memo = kopf.Memo(schedule=resync.Schedule(60))
+    memo.schedule.due([A, B], now=0)
+    memo.resync_task = asyncio.create_task(asyncio.sleep(3600))
+    assert 2 == handlers.resync_running(memo=memo)
+    memo.resync_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await memo.resync_task
+    with pytest.raises(kopf.PermanentError, match="resync is not running"):
+        handlers.resync_running(memo=memo)
