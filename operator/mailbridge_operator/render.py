@@ -36,7 +36,6 @@ from typing import Any
 
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from mailbridge import config
 from mailbridge_operator import model
@@ -58,21 +57,6 @@ HEADLESS_LABEL = "mailbridge.io/service"
 # The Services' label the ServiceMonitor names as its jobLabel: Prometheus calls the
 # bridge's job "mailbridge-<name>", which the alert rules' job=~".*mailbridge.*" takes.
 JOB_LABEL = "mailbridge.io/job"
-
-
-class _SpecSettings(config.Settings):
-    """The bridge's settings, read from the given values only (no env, no .env file)."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
 
 
 # Where a problem in the bridge's settings comes from in the MailBridge spec.
@@ -191,7 +175,7 @@ def bridge_settings(name: str, namespace: str, spec: model.MailBridgeSpec) -> co
     if spec.tls.enabled and spec.tls.secret_name:
         values["tls"] |= {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
     try:
-        return _SpecSettings.model_validate(values)
+        return config.from_mapping(values)
     except ValidationError as error:
         raise model.InvalidSpecError(_settings_problems(error)) from None
 
