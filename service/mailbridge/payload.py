@@ -77,6 +77,21 @@ def stable_id(envelope: Envelope, raw: bytes) -> str:
     return ID_PREFIX + encoded.rstrip("=").lower()
 
 
+def envelope_json(envelope: Envelope, *, rcpt_to: Sequence[str] | None = None) -> dict[str, Any]:
+    """The envelope as JSON; ``rcpt_to`` narrows it to one route's recipients."""
+    return {
+        "mail_from": envelope.mail_from,
+        "rcpt_to": list(envelope.rcpt_to if rcpt_to is None else rcpt_to),
+        "helo": envelope.helo,
+        "client_ip": envelope.client_ip,
+        "tls": (
+            {"version": envelope.tls.version, "cipher": envelope.tls.cipher}
+            if envelope.tls is not None
+            else None
+        ),
+    }
+
+
 def delivery_id(message_id: str, route: str) -> str:
     """The id of one (message, route) delivery: the payload's ``id`` and ``webhook-id``.
 
@@ -159,17 +174,7 @@ def build(
         "cc": _mailboxes(message.cc),
         "reply_to": _mailboxes(message.reply_to),
         "size_bytes": size_bytes,
-        "envelope": {
-            "mail_from": envelope.mail_from,
-            "rcpt_to": list(recipients),
-            "helo": envelope.helo,
-            "client_ip": envelope.client_ip,
-            "tls": (
-                {"version": envelope.tls.version, "cipher": envelope.tls.cipher}
-                if envelope.tls is not None
-                else None
-            ),
-        },
+        "envelope": envelope_json(envelope, rcpt_to=recipients),
         "defects": list(message.defects),
     }
 

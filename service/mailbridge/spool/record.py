@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from mailbridge import payload
 from mailbridge.payload import Envelope, TlsInfo
 
 MAGIC = b"MBSPOOL1\n"
@@ -123,20 +124,6 @@ class State:
 # --- encoding -------------------------------------------------------------
 
 
-def _envelope_json(envelope: Envelope) -> dict[str, Any]:
-    return {
-        "mail_from": envelope.mail_from,
-        "rcpt_to": list(envelope.rcpt_to),
-        "helo": envelope.helo,
-        "client_ip": envelope.client_ip,
-        "tls": (
-            {"version": envelope.tls.version, "cipher": envelope.tls.cipher}
-            if envelope.tls is not None
-            else None
-        ),
-    }
-
-
 def _envelope(data: Mapping[str, Any]) -> Envelope:
     tls = data.get("tls")
     return Envelope(
@@ -159,7 +146,7 @@ def encode_header(header: Header) -> bytes:
             "queue_id": header.queue_id,
             "webhook_id": header.webhook_id,
             "received_at": header.received_at,
-            "envelope": _envelope_json(header.envelope),
+            "envelope": payload.envelope_json(header.envelope),
             "routes": {name: list(rcpts) for name, rcpts in header.routes.items()},
             "carrier": dict(header.carrier),
             "size_bytes": header.size_bytes,
