@@ -199,6 +199,9 @@ PATH_TAIL = st.text(alphabet=' \t()aZ=<>@"x.,:;\\', max_size=12)
 @example("<a@b>(comment) SIZE=10")
 @example("<a.@b>")
 @example("<@hop:a@b>")
+@example("<i.c@o> \x1e\x1eS")  # found by atheris: the fast path kept blanks the stdlib eats
+@example("<a@b> \xa0X")
+@example("<a@b>\n")
 @example(" -\udc8f\\\udc87$.\x00@[ ")  # found by atheris: UnboundLocalError in the stdlib
 def test_the_session_reads_mail_and_rcpt_paths_as_aiosmtpd_does(arg: str) -> None:
     targets.address_path(arg)

@@ -99,7 +99,9 @@ ADDRESS_PARSER_ERRORS = (Exception,)
 #: after the blanks (it costs ~0.1 ms per command); anything else still goes to it.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
-PLAIN_PATH = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>(?:[ \t]*$|[ \t]*(?=[^ \t(]))")
+#: After the blanks, the stdlib also swallows any other str.isspace() character (\x1c-\x1f,
+#: NBSP, ...): such text goes to it (found by fuzzing the path against it).
+PLAIN_PATH = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>(?:[ \t]*\Z|[ \t]*(?=[^\s(]))")
 #: A reply line's text without its CRLF (RFC 5321 §4.5.3.1.5: 512 octets with it).
 MAX_REPLY_CHARS = 510
 #: aiosmtpd decodes arguments with ``surrogateescape``: a surrogate is a byte that was not UTF-8.
