@@ -63,9 +63,7 @@ def exporter_from_env(environ: Mapping[str, str] | None = None) -> SpanExporter 
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
-    raise ConfigError(
-        f"OTEL_TRACES_EXPORTER={','.join(names)}: supported are otlp, console, none"
-    )
+    raise ConfigError(f"OTEL_TRACES_EXPORTER={','.join(names)}: supported are otlp, console, none")
 
 
 def configure(environ: Mapping[str, str] | None = None) -> TracerProvider | None:
