@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return _spool(args, settings.spool.directory)
     if command == "check-config":
         if not args.quiet:
-            sys.stdout.write(config.to_yaml(settings))
+            sys.stdout.write(config.to_yaml(settings, for_display=True))
         return 0
     logs.configure(settings.log, demo=settings.demo_mode)
     from mailbridge import app  # the whole bridge: only when running it (keeps tools quick)

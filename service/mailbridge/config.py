@@ -510,7 +510,12 @@ def describe(error: ValidationError) -> str:
         message = problem["msg"].removeprefix("Value error, ")
         line = f"  {location}: {message}"
         if problem["type"] != "missing" and "input" in problem:
-            shown = "<redacted>" if "secret" in location else _short(problem["input"])
+            if "secret" in location or "headers" in location:
+                shown = "<redacted>"
+            elif "url" in location and isinstance(problem["input"], str):
+                shown = _short(redact_url(problem["input"]))
+            else:
+                shown = _short(problem["input"])
             line += f" (got {shown})"
         lines.append(line)
     return "\n".join(lines)
@@ -521,15 +526,34 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def to_yaml(settings: Settings, *, reveal_secrets: bool = False) -> str:
-    """Serialise as the YAML file the bridge reads (MAILBRIDGE_CONFIG); secrets redacted."""
+_URL_PASSWORD = re.compile(r"(?<=://)([^/?#@:]*):[^/?#@]*@")
+_URL_QUERY = re.compile(r"([?&][^=&#]*)=[^&#]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password and query values (tokens often ride there)."""
+    url = _URL_PASSWORD.sub(r"\1:<redacted>@", url)
+    return _URL_QUERY.sub(r"\1=<redacted>", url)
+
+
+def to_yaml(settings: Settings, *, reveal_secrets: bool = False, for_display: bool = False) -> str:
+    """Serialise as the YAML file the bridge reads (MAILBRIDGE_CONFIG); secrets redacted.
+
+    ``for_display`` (``check-config``) also hides webhook URL passwords and query
+    values and every extra header's value (``Authorization``...); the result is then
+    for reading, not for the bridge.
+    """
     data = settings.model_dump(mode="json", exclude={"config"})
     for key in ("webhook_url", "webhook_secret", "webhook_secret_file"):
         data.pop(key, None)
     data.pop("target_emails", None)
-    if reveal_secrets:
-        for route_data, route in zip(data["routes"], settings.routes, strict=True):
-            route_data["webhook"]["secrets"] = [s.get_secret_value() for s in route.webhook.secrets]
+    for route_data, route in zip(data["routes"], settings.routes, strict=True):
+        webhook = route_data["webhook"]
+        if reveal_secrets:
+            webhook["secrets"] = [s.get_secret_value() for s in route.webhook.secrets]
+        if for_display:
+            webhook["url"] = redact_url(webhook["url"])
+            webhook["headers"] = {name: "<redacted>" for name in webhook["headers"]}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

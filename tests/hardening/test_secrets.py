@@ -250,14 +250,6 @@ def test_check_config_never_prints_a_signing_secret(
     assert [] == leaks(refused.stdout + refused.stderr, [INLINE_SECRET[:-4], *SIGNING_FORMS])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "config.to_yaml prints webhook URLs with their password and query, and header "
-        "values (Authorization); config.describe echoes an invalid URL whole. config.py "
-        "belongs to the spool work: fix requested in SECURITY.md 'Known gaps'."
-    ),
-)
 def test_check_config_and_config_errors_never_print_url_or_header_credentials(
     tmp_path: Path, secret_file: Path, receiver: ReceiverThread
 ) -> None:

@@ -198,3 +198,34 @@ def test_from_mapping_ignores_the_environment_and_dotenv(
     settings = config.from_mapping({"smtp": {"hostname": "given"}})
     assert (2525, "given") == (settings.smtp.port, settings.smtp.hostname)
     assert 2999 == config.load().smtp.port  # while load() reads both
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "https://u:pw@hooks.test/a?token=t&x=1",
+            "https://u:<redacted>@hooks.test/a?token=<redacted>&x=<redacted>",
+        ),
+        ("http://hooks.test/plain", "http://hooks.test/plain"),
+        ("http://user@hooks.test/", "http://user@hooks.test/"),
+    ],
+)
+def test_redact_url_hides_passwords_and_query_values(url: str, expected: str) -> None:
+    assert expected == config.redact_url(url)
+
+
+def test_display_yaml_hides_url_credentials_and_header_values_but_the_file_keeps_them() -> None:
+    route = {
+        "name": "r",
+        "recipients": ["*"],
+        "webhook": {
+            "url": "https://u:pw@h.test/x?token=t",
+            "headers": {"Authorization": "Bearer t0"},
+        },
+    }
+    settings = config.from_mapping({"routes": [route]})
+    shown = config.to_yaml(settings, for_display=True)
+    assert "pw" not in shown and "t0" not in shown and "token=t" not in shown
+    kept = config.to_yaml(settings)  # what the operator writes into the ConfigMap
+    assert "https://u:pw@h.test/x?token=t" in kept and "Bearer t0" in kept
