@@ -44,6 +44,7 @@ REJECT_REASONS = (
     "temp_failure",  # 451 4.3.0 webhook not reached (sync) or internal error
     "permanent_failure",  # 554 5.6.0 webhook refused permanently (sync)
     "spool_full",  # 452 4.3.1
+    "busy",  # 452 4.3.1 the process-wide DATA memory budget is spent
 )
 #: Why a connection was closed at once with 421.
 REFUSE_REASONS = ("max_sessions", "max_sessions_per_ip", "untrusted_proxy", "shutting_down")

@@ -420,7 +420,7 @@ class Session(SMTP):
         first_step = data.first_step(self.settings.max_message_size_bytes)
         if reservation is not None and not reservation.ensure(first_step):
             # Before 354 the client has sent no content yet: it will retry later.
-            self.metrics.reject("temp_failure")
+            self.metrics.reject("busy")
             await self.push(BUSY)
             return
         try:
@@ -448,7 +448,7 @@ class Session(SMTP):
         self._deadline = self.loop.time() + self._session_timeout
         self._reset_timeout()
         if received.verdict is data.Verdict.BUSY:
-            self.metrics.reject("temp_failure")
+            self.metrics.reject("busy")
             self._set_post_data_state()
             await self.push(BUSY)
             return
