@@ -17,15 +17,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import generate_latest
 
@@ -168,16 +164,10 @@ def test_a_real_process_logging_at_debug_leaks_no_secret(
     assert [] == leaks(everything, SIGNING_FORMS + CREDENTIALS)
 
 
-@pytest.fixture(scope="module")
-def spans() -> Iterator[InMemorySpanExporter]:
-    memory = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    yield memory
-    memory.clear()
+@pytest.fixture
+def spans(span_exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+    """Spans of this test only (tests/conftest.py's span_exporter)."""
+    return span_exporter
 
 
 def test_spans_logs_and_metrics_of_a_running_bridge_carry_no_secret(

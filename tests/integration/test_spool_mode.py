@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -366,28 +366,9 @@ def test_a_second_bridge_on_the_same_spool_refuses_to_start(tmp_path: Path) -> N
 
 
 @pytest.fixture
-def spans() -> Iterator[Any]:
-    """Spans of this test only; a tracer provider installed here is removed afterwards,
-    so later tests see no tracing (OpenTelemetry's global can be set once: reset it)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    memory = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    installed = not isinstance(provider, TracerProvider)
-    if installed:
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    assert isinstance(provider, TracerProvider)
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    yield memory
-    memory.shutdown()
-    if installed:
-        provider.shutdown()
-        trace._TRACER_PROVIDER = None
-        trace._TRACER_PROVIDER_SET_ONCE = trace.Once()
+def spans(span_exporter: Any) -> Any:
+    """Spans of this test only (tests/conftest.py's span_exporter)."""
+    return span_exporter
 
 
 def test_a_spooled_delivery_span_is_linked_to_the_message_span(tmp_path: Path, spans: Any) -> None:

@@ -11,15 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
@@ -31,33 +28,21 @@ from tests.support.bridge import BridgeThread, route
 from tests.support.receiver import ReceiverThread, WebhookReceiver, unused_port
 
 
-@pytest.fixture(scope="module")
-def exporter() -> Iterator[InMemorySpanExporter]:
-    memory = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    yield memory
-    memory.clear()
-
-
 def traceparent_ids(value: str) -> tuple[int, int]:
     _, trace_id, span_id, _ = value.split("-")
     return int(trace_id, 16), int(span_id, 16)
 
 
 def test_a_message_gives_session_message_parse_and_post_spans(
-    exporter: InMemorySpanExporter,
+    span_exporter: InMemorySpanExporter,
 ) -> None:
-    exporter.clear()
+    span_exporter.clear()
     with ReceiverThread() as rx, BridgeThread(routes=[route("billing", ["*"], rx.url)]) as bridge:
         with smtplib.SMTP("127.0.0.1", bridge.smtp_port) as client:
             client.starttls(context=__import__("ssl")._create_unverified_context())
             client.sendmail("a@b.test", ["x@y.test", "z@y.test"], b"Subject: t\r\n\r\nbody\r\n")
         (delivery,) = rx.wait_for(1)
-    spans = {span.name: span for span in exporter.get_finished_spans()}
+    spans = {span.name: span for span in span_exporter.get_finished_spans()}
     session, message = spans["smtp session"], spans["receive message"]
     parse, post = spans["parse message"], spans["POST"]
     assert trace.SpanKind.SERVER == session.kind
@@ -83,8 +68,10 @@ def test_a_message_gives_session_message_parse_and_post_spans(
     )
 
 
-def test_webhook_url_secrets_never_reach_span_attributes(exporter: InMemorySpanExporter) -> None:
-    exporter.clear()
+def test_webhook_url_secrets_never_reach_span_attributes(
+    span_exporter: InMemorySpanExporter,
+) -> None:
+    span_exporter.clear()
 
     async def attempt() -> None:
         async with WebhookReceiver() as rx:
@@ -101,7 +88,7 @@ def test_webhook_url_secrets_never_reach_span_attributes(exporter: InMemorySpanE
             await session.close()
 
     asyncio.run(attempt())
-    (post,) = exporter.get_finished_spans()
+    (post,) = span_exporter.get_finished_spans()
     assert "SECRET" not in str(dict(post.attributes)) and "pw" not in post.attributes["url.full"]
     assert ("503", trace.StatusCode.ERROR) == (
         post.attributes["error.type"],
@@ -109,8 +96,10 @@ def test_webhook_url_secrets_never_reach_span_attributes(exporter: InMemorySpanE
     )
 
 
-def test_a_later_delivery_links_to_the_saved_message_span(exporter: InMemorySpanExporter) -> None:
-    exporter.clear()
+def test_a_later_delivery_links_to_the_saved_message_span(
+    span_exporter: InMemorySpanExporter,
+) -> None:
+    span_exporter.clear()
     with tracing.tracer().start_as_current_span("receive message") as message:
         saved = tracing.carrier()
 
@@ -127,7 +116,7 @@ def test_a_later_delivery_links_to_the_saved_message_span(exporter: InMemorySpan
             await session.close()
 
     asyncio.run(deliver_later())
-    post = next(s for s in exporter.get_finished_spans() if s.name == "POST")
+    post = next(s for s in span_exporter.get_finished_spans() if s.name == "POST")
     assert [message.get_span_context().span_id] == [link.context.span_id for link in post.links]
     assert post.parent is None  # a new trace, linked rather than nested
 
