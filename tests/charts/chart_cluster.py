@@ -101,7 +101,7 @@ class Rollout:
         self.marked.append((name, generation))
 
 
-class InstalledOperator:
+class InstalledOperator(emulator.RunningOperator):
     """``mailbridge-operator`` run with the command and arguments of an installed Deployment."""
 
     def __init__(self, cluster: emulator.Cluster, deployment: Obj, log: pathlib.Path) -> None:
@@ -142,33 +142,6 @@ class InstalledOperator:
         """The local port of the container port called ``name``."""
         ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
         return self.ports[ports[name]]
-
-    def log(self, tail: int = 80) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-tail:])
-
-    def wait_watching(self, resource: str = "mailbridges", timeout: float = 30) -> None:
-        def watching() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the operator exited:\n{self.log()}")
-            return any(
-                r.verb == "watch" and r.resource == resource for r in self.cluster.requests()
-            )
-
-        self.cluster.wait_for(
-            watching, timeout=timeout, what="the operator to watch", details=self.log
-        )
-
-    def stop(self, timeout: float = 15) -> int:
-        """SIGTERM this process (only this one); SIGKILL if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log.close()
-        return self.process.returncode
 
 
 def _resolve(cluster: emulator.Cluster, url: str, operator: InstalledOperator) -> str:

@@ -62,7 +62,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp.web
 import attrs
@@ -1610,7 +1610,53 @@ class Cluster:
 # --- the real operator as a process -------------------------------------------
 
 
-class OperatorProcess:
+class RunningOperator:
+    """What every ``mailbridge-operator`` process a test starts can do: show its log,
+    wait until it watches a resource, and stop (only this process, by PID)."""
+
+    cluster: Cluster
+    process: subprocess.Popen[bytes]
+    log_path: pathlib.Path
+    _log: IO[str]
+
+    def log(self, tail: int = 80) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-tail:])
+
+    def wait_watching(self, resource: str = "mailbridges", timeout: float = 30) -> None:
+        """Until the operator watches ``resource`` (its handlers can react from then on)."""
+
+        def watching() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"the operator exited ({self.process.returncode}):\n{self.log()}"
+                )
+            return any(
+                r.verb == "watch" and r.resource == resource for r in self.cluster.requests()
+            )
+
+        self.cluster.wait_for(
+            watching, timeout=timeout, what=f"the operator to watch {resource}", details=self.log
+        )
+
+    def wait_started(self, timeout: float = 30) -> None:
+        """Until kopf watches MailBridges."""
+        self.wait_watching("mailbridges", timeout)
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM this process (only this one), then SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        return self.process.returncode
+
+
+class OperatorProcess(RunningOperator):
     """``mailbridge-operator`` running against a :class:`Cluster` (started by this test only)."""
 
     def __init__(
@@ -1647,38 +1693,6 @@ class OperatorProcess:
             env=cluster.env(**(env or {})),
             cwd=cluster.directory,
         )
-
-    def log(self, tail: int = 80) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-tail:])
-
-    def wait_started(self, timeout: float = 30) -> None:
-        """Until kopf watches MailBridges (its handlers can react from then on)."""
-
-        def watching() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"the operator exited ({self.process.returncode}):\n{self.log()}"
-                )
-            return any(
-                r.verb == "watch" and r.resource == "mailbridges" for r in self.cluster.requests()
-            )
-
-        self.cluster.wait_for(
-            watching, timeout=timeout, what="the operator to watch MailBridges", details=self.log
-        )
-
-    def stop(self, timeout: float = 15) -> int:
-        """SIGTERM this process (only this one), then SIGKILL if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log.close()
-        return self.process.returncode
 
 
 def _free_port() -> int:
