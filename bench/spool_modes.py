@@ -214,6 +214,11 @@ async def load(port: int, messages: int, clients: int, size: int) -> tuple[float
 def run_mode(mode: str, sink: Sink, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     sink.reset()
     bridge = Bridge(mode, sink.port, workdir)
+    attached = None
+    if args.attach:  # a profiler on the bridge for the measured part only (e.g. strace -c)
+        command = args.attach.format(pid=bridge.proc.pid, mode=mode)
+        attached = subprocess.Popen(command, shell=True, start_new_session=True)
+        time.sleep(1.0)
     cpu_before = bridge.cpu_seconds()
     try:
         started, accepted = asyncio.run(
@@ -227,6 +232,13 @@ def run_mode(mode: str, sink: Sink, args: argparse.Namespace, workdir: Path) -> 
         delivered_at = time.monotonic()
         cpu_after = bridge.cpu_seconds()
     finally:
+        if attached is not None:  # the profiler writes its report on SIGINT
+            os.killpg(attached.pid, signal.SIGINT)
+            try:
+                attached.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(attached.pid, signal.SIGKILL)
+                attached.wait()
         drain = bridge.stop()
     return {
         "accepted_per_s": args.messages / (max(accepted) - started),
@@ -305,22 +317,40 @@ def main() -> int:
     parser.add_argument("--size-bytes", type=int, default=4096, help="message size")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     parser.add_argument("--markdown", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}"
+    )
+    parser.add_argument(
+        "--no-commit-layer", action="store_true", help="skip the commit-layer measurement"
+    )
+    parser.add_argument(
+        "--attach",
+        help="shell command run against the bridge during each run, stopped with SIGINT "
+        "('{pid}' and '{mode}' are replaced), e.g. 'strace -c -f -o /tmp/{mode}.txt -p {pid}'",
+    )
     args = parser.parse_args()
+    modes = [mode for mode in args.modes.split(",") if mode]
+    if "sync" not in modes or any(mode not in MODES for mode in modes):
+        parser.error(f"--modes: 'sync' and any of {', '.join(MODES)}")
     host = machine()
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="mb-bench-") as tmp:
         workdir = Path(tmp)
         sink = Sink()
         try:
             for repeat in range(args.repeats):
-                for mode in MODES:
+                for mode in modes:
                     figures = run_mode(mode, sink, args, workdir)
                     results[mode].append(figures)
                     print(f"repeat {repeat + 1} {mode:>14}: " + ", ".join(
                         f"{k} {v:.1f}" for k, v in figures.items()), file=sys.stderr)  # fmt: skip
         finally:
             sink.stop()
-        commit = asyncio.run(commit_layer(args.messages, args.clients, args.size_bytes, workdir))
+        commit = None
+        if not args.no_commit_layer:
+            commit = asyncio.run(
+                commit_layer(args.messages, args.clients, args.size_bytes, workdir)
+            )
 
     def median(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
@@ -336,7 +366,7 @@ def main() -> int:
         "| of which event loop | SIGTERM to exit (s) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for mode in MODES:
+    for mode in modes:
         delivered = median(mode, "delivered_per_s")
         lines.append(
             f"| {mode} | {median(mode, 'accepted_per_s'):.0f} | {delivered:.0f} | "
@@ -344,18 +374,22 @@ def main() -> int:
             f"{median(mode, 'loop_cpu_ms_per_msg'):.2f} | "
             f"{max(r['drain_s'] for r in results[mode]):.2f} |"
         )
-    lines += [
-        "",
-        f"Commit layer alone ({args.messages} x {args.size_bytes} bytes, fsync on):",
-        "",
-        "| | messages/s | sync rounds | messages per round |",
-        "|---|---:|---:|---:|",
-        f"| one at a time | {commit['serial_per_s']:.0f} | {commit['serial_rounds']:.0f} | "
-        f"{args.messages / commit['serial_rounds']:.1f} |",
-        f"| {args.clients} concurrent | {commit['concurrent_per_s']:.0f} | "
-        f"{commit['concurrent_rounds']:.0f} | "
-        f"{args.messages / commit['concurrent_rounds']:.1f} |",
-    ]
+    lines += (
+        []
+        if commit is None
+        else [
+            "",
+            f"Commit layer alone ({args.messages} x {args.size_bytes} bytes, fsync on):",
+            "",
+            "| | messages/s | sync rounds | messages per round |",
+            "|---|---:|---:|---:|",
+            f"| one at a time | {commit['serial_per_s']:.0f} | {commit['serial_rounds']:.0f} | "
+            f"{args.messages / commit['serial_rounds']:.1f} |",
+            f"| {args.clients} concurrent | {commit['concurrent_per_s']:.0f} | "
+            f"{commit['concurrent_rounds']:.0f} | "
+            f"{args.messages / commit['concurrent_rounds']:.1f} |",
+        ]
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown is not None:

@@ -1,13 +1,19 @@
 """Group commit: many sessions' messages made durable with shared syncs.
 
 A session calls :meth:`Committer.commit` and waits. One committer task takes
-everything pending as a batch and, in a thread: writes each message to
-``tmp/<queue id>`` and ``fdatasync``\\ s them (in parallel, so the file system
-folds the syncs into few journal commits), renames each into ``queue/``, and
-``fsync``\\ s ``queue/`` once for the whole batch. Only then are the sessions'
-waits answered, and only then do they reply ``250``. While one batch syncs the
-next one gathers, so under load the cost of a sync round is shared by every
-message that arrived meanwhile.
+everything pending as a batch and hands it to the committer's one thread, which
+writes each message to ``tmp/<queue id>``, starts the write-back of all of them,
+``fdatasync``\\ s them one after the other (the first sync's journal commit
+carries the others' metadata, so the later ones are short), renames each into
+``queue/`` and ``fsync``\\ s ``queue/`` once for the whole batch. Only then are
+the sessions' waits answered, and only then do they reply ``250``. While one
+batch syncs the next one gathers, so under load the cost of a sync round is
+shared by every message that arrived meanwhile.
+
+The same thread then removes the files of delivered messages
+(:meth:`Committer.remove`), after the answers are posted: one thread and one
+hand-over per round for all the spool's hot-path file work, so the event loop
+does not fight a pool of threads for the GIL.
 
 A message whose write fails gets :class:`WriteFailed` (with the ``OSError``);
 the others in the batch are unaffected, except when the final directory sync
@@ -31,6 +37,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from mailbridge.spool import record
 from mailbridge.spool.store import QUEUE, TMP, Store, create_file, fsync_dir
@@ -41,8 +48,6 @@ CRASH_ENV = "MAILBRIDGE_TEST_SPOOL_CRASH"
 CRASH_POINTS = ("written", "synced", "renamed", "committed")
 #: Most messages in one sync round.
 MAX_BATCH = 128
-#: Threads writing and syncing one batch's files in parallel.
-SYNC_THREADS = 8
 
 
 class WriteFailed(Exception):
@@ -88,9 +93,10 @@ class Committer:
         self._store = store
         self._fsync = fsync
         self._pending: list[_Pending] = []
+        self._removals: list[Path] = []
         self._wake = asyncio.Event()
         self._closing = False
-        self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="spool-sync")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
         self._crash = _CrashHook((os.environ if environ is None else environ).get(CRASH_ENV))
         #: Sync rounds done and messages committed (the benchmark reads these).
         self.batches = 0
@@ -105,29 +111,28 @@ class Committer:
         self._wake.set()
         return await future
 
+    def remove(self, path: Path) -> None:
+        """Unlink ``path`` soon, in the committer's thread (a delivered message's file)."""
+        self._removals.append(path)
+        self._wake.set()
+
+    def take_removals(self) -> list[Path]:
+        """Removals not done yet (after :meth:`run` returned: the caller does them)."""
+        removals, self._removals = self._removals, []
+        return removals
+
     async def run(self) -> None:
         """Commit batches until :meth:`close`; every waiter gets an answer."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._pending or self._removals:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                try:
-                    await asyncio.shield(asyncio.to_thread(self._write_batch, batch))
-                except Exception as error:  # never leave a session waiting
-                    log.exception("spool commit failed")
-                    failure = error if isinstance(error, OSError) else OSError(0, str(error))
-                    for item in batch:
-                        item.error = item.error or failure
-                self.batches += 1
-                for item in batch:
-                    if item.future.done():
-                        continue
-                    if item.error is not None:
-                        item.future.set_exception(WriteFailed(item.error))
-                    else:
-                        self.committed += 1
-                        item.future.set_result(item.size)
+                removals, self._removals = self._removals, []
+                job = loop.run_in_executor(self._thread, self._job, loop, batch, removals)
+                with contextlib.suppress(Exception):  # _job answers its batch in any case
+                    await asyncio.shield(job)
             if self._closing and not self._pending:
                 return
 
@@ -136,9 +141,40 @@ class Committer:
         self._wake.set()
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._thread.shutdown(wait=True)
+
+    def _answer(self, batch: list[_Pending], failure: OSError | None) -> None:
+        """On the loop: wake the batch's sessions."""
+        if batch:
+            self.batches += 1
+        for item in batch:
+            if item.future.done():
+                continue
+            error = item.error or failure
+            if error is not None:
+                item.future.set_exception(WriteFailed(error))
+            else:
+                self.committed += 1
+                item.future.set_result(item.size)
 
     # --- in the thread ----------------------------------------------------------
+
+    def _job(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], removals: list[Path]
+    ) -> None:
+        """Commit ``batch``, post the answers to the loop, then remove ``removals``."""
+        failure: OSError | None = None
+        try:
+            if batch:
+                self._write_batch(batch)
+        except Exception as error:  # never leave a session waiting
+            log.exception("spool commit failed")
+            failure = error if isinstance(error, OSError) else OSError(0, str(error))
+        finally:
+            loop.call_soon_threadsafe(self._answer, batch, failure)
+        for path in removals:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _write_one(self, item: _Pending) -> int | None:
         """Create and fill ``tmp/<id>``; returns the open descriptor (None on failure)."""
@@ -151,23 +187,21 @@ class Committer:
         self._crash.reached("written")
         return fd
 
-    def _sync(self, work: list[tuple[_Pending, int]]) -> None:
-        for item, fd in work:
-            try:
-                os.fdatasync(fd)
-            except OSError as error:
-                item.error = error
-
     def _write_batch(self, batch: list[_Pending]) -> None:
-        # Writes go to the page cache: one thread is enough. The syncs run from a few
-        # threads at once, so the file system folds them into few journal commits.
         work = [(item, fd) for item in batch if (fd := self._write_one(item)) is not None]
         try:
-            if self._fsync and len(work) > 1:
-                slices = [work[n::SYNC_THREADS] for n in range(min(SYNC_THREADS, len(work)))]
-                list(self._pool.map(self._sync, slices))
-            elif self._fsync:
-                self._sync(work)
+            if self._fsync:
+                if len(work) > 1:
+                    # Start every file's write-back first (DONTNEED starts it and does not
+                    # wait), so the syncs below wait on one journal commit, not one each.
+                    for _item, fd in work:
+                        with contextlib.suppress(OSError):
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                for item, fd in work:
+                    try:
+                        os.fdatasync(fd)
+                    except OSError as error:
+                        item.error = error
         finally:
             for _item, fd in work:
                 os.close(fd)

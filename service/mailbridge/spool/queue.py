@@ -102,9 +102,8 @@ class Spool:
         #: False after a failed write until a write succeeds again (``/readyz``).
         self.writable = True
         self._tasks: list[asyncio.Task[None]] = []
+        #: Files of delivered messages to remove once no committer can (closed, not open).
         self._removals: list[Path] = []
-        self._removal_wake = asyncio.Event()
-        self._remover: asyncio.Task[None] | None = None
         self._census_cache: tuple[float, dict[str, float]] | None = None
 
     # --- lifecycle --------------------------------------------------------------
@@ -117,7 +116,6 @@ class Spool:
             self._add(entry)
         self.committer = Committer(self.store, fsync=self.settings.fsync, environ=self._environ)
         self._tasks = [asyncio.create_task(self.committer.run(), name="spool-commit")]
-        self._remover = asyncio.create_task(self._remove_files(), name="spool-remove")
         self._publish()
         log.info(
             "spool opened",
@@ -141,10 +139,7 @@ class Spool:
                 await task
         if self.committer is not None:
             await asyncio.to_thread(self.committer.shutdown)
-        if self._remover is not None:
-            self._remover.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._remover
+            self._removals += self.committer.take_removals()
         await asyncio.to_thread(_unlink_all, self._removals)
         self._removals = []
         self.store.unlock()
@@ -337,13 +332,17 @@ class Spool:
         return True
 
     def finish(self, entry: Entry) -> None:
-        """Every route delivered: forget it now, remove its file soon (in a batch).
+        """Every route delivered: forget it now, remove its file soon (the committer's
+        thread does it after its next sync round, in a batch).
 
         A crash before the removal only delivers it again, with the same id.
         """
         self._forget(entry)
-        self._removals.append(self.store.path(entry.where, entry.queue_id))
-        self._removal_wake.set()
+        path = self.store.path(entry.where, entry.queue_id)
+        if self.committer is not None:
+            self.committer.remove(path)
+        else:
+            self._removals.append(path)
 
     def _record_and_move(self, entry: Entry, state: record.State, where: str) -> int:
         """In a thread: append ``state``, move the file; returns the change in bytes."""
@@ -353,13 +352,6 @@ class Spool:
         if entry.where != where:
             self.store.move(entry, where)
         return entry.file_bytes - before
-
-    async def _remove_files(self) -> None:
-        while True:
-            await self._removal_wake.wait()
-            self._removal_wake.clear()
-            batch, self._removals = self._removals, []
-            await asyncio.to_thread(_unlink_all, batch)
 
     def _forget(self, entry: Entry) -> None:
         if self.entries.get(entry.queue_id) is entry:
