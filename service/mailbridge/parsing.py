@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email.errors
 import email.message
 import email.utils
 import html
 import io
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC
 from email import headerregistry, policy
 from email.generator import BytesGenerator
@@ -59,6 +60,10 @@ from typing import Any, Literal
 import html2text
 
 MiB = 1024 * 1024
+#: :func:`parse_lean` streams a single-part text body of a message this big or bigger.
+LEAN_MESSAGE_BYTES = MiB
+#: How much of the raw message :meth:`TextSource.chunks` decodes at a time.
+CHUNK_BYTES = MiB
 HTML2TEXT_MAX_CHARS = MiB  # larger HTML-only bodies get their tags stripped instead
 
 # What the email package (and html2text) raise on malformed input. Bodies and
@@ -83,6 +88,7 @@ _ALTERNATIVE = "multipart/alternative"
 _PLAIN = "text/plain"
 _HTML = "text/html"
 _MAX_DEFECT_WORD = 40
+_PLAIN_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
 # One plain mailbox, "Display Name <local@domain>" or "local@domain": only atoms
 # and dot-atoms (RFC 5322 §3.2.3), ASCII, no quotes, comments, encoded words or
 # folding. For such a value the structured parser finds exactly these parts and
@@ -129,6 +135,53 @@ class Message:
     headers: dict[str, str]  # passthrough by name prefix; repeated headers joined with ', '
     attachments: tuple[Attachment, ...]
     defects: tuple[str, ...]  # short human strings; never raised
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A text body read from the raw message in chunks, never held as one ``str``.
+
+    Joined, :meth:`chunks` is exactly what :func:`parse` gives as ``Message.text``
+    for the same bytes. Holds a reference to the raw message (read, never changed).
+    """
+
+    raw: bytes | bytearray = field(repr=False)
+    start: int  # the body's first byte in ``raw``
+    encoding: Literal["utf-8", "latin-1"]
+    errors: Literal["strict", "replace"]
+
+    def chunks(self, chunk_bytes: int | None = None) -> Iterator[str]:
+        """The text in pieces of about ``chunk_bytes``: line ends ``\\n``, no NUL."""
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
+        decoder = codecs.getincrementaldecoder(self.encoding)(self.errors)
+        carry = ""  # a trailing CR waits: its LF may open the next piece
+        for offset in range(self.start, len(self.raw), chunk_bytes):
+            text = carry + decoder.decode(self.raw[offset : offset + chunk_bytes])
+            carry = "\r" if text.endswith("\r") else ""
+            if carry:
+                text = text[:-1]
+            if text:
+                yield _tidy(text)
+        text = carry + decoder.decode(b"", final=True)
+        if text:
+            yield _tidy(text)
+
+    def decodes(self) -> bool:
+        """Whether the whole body decodes with :attr:`encoding` and :attr:`errors`."""
+        decoder = codecs.getincrementaldecoder(self.encoding)(self.errors)
+        try:
+            for offset in range(self.start, len(self.raw), CHUNK_BYTES):
+                decoder.decode(self.raw[offset : offset + CHUNK_BYTES])
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+
+def _tidy(text: str) -> str:
+    """What :func:`_body` does to decoded text (which holds no surrogates)."""
+    text = text.replace("\r\n", "\n")
+    return text.replace("\x00", "") if "\x00" in text else text
 
 
 def clean(text: str) -> str:
@@ -550,10 +603,53 @@ def _unique(defects: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(clean(d) for d in defects))
 
 
+def _lean_read(raw: bytes | bytearray) -> tuple[email.message.Message, int] | None:
+    """Like :func:`_read_single_part`, for a plain text body the lean path can stream.
+
+    The headers parsed, the payload left empty, and where the body starts; None
+    unless the one part is ``text/plain`` read as a body, in 7bit/8bit/binary,
+    with no charset, an ASCII one or UTF-8 (the charsets decoded here in chunks
+    exactly as :func:`_decode_text` decodes them whole).
+    """
+    end = _HEADER_END.search(raw)
+    if end is None:
+        return None
+    msg = BytesParser(policy=_POLICY).parsebytes(bytes(raw[: end.end()]), headersonly=True)
+    if msg.defects or msg.get_payload() or msg.get_content_type() != _PLAIN:
+        return None
+    charset = _charset(msg)
+    if charset is not None and charset not in _ASCII_CHARSETS and charset != "utf-8":
+        return None
+    if _transfer_encoding(msg) not in _PLAIN_ENCODINGS:
+        return None
+    if msg.get_content_disposition() == "attachment" or _filename(msg) is not None:
+        return None
+    return msg, end.end()
+
+
+def _text_source(
+    raw: bytes | bytearray, start: int, charset: str | None, defects: list[str]
+) -> TextSource:
+    """The body as :func:`_decode_text` would read it, with the same defects."""
+    source = TextSource(raw, start, "utf-8", "strict")
+    if source.decodes():
+        return source
+    if charset == "utf-8":
+        defects.append(f"invalid utf-8 bytes in {_PLAIN}")
+        return TextSource(raw, start, "utf-8", "replace")
+    defects.append(f"undeclared 8-bit text in {_PLAIN} (read as latin-1)")
+    return TextSource(raw, start, "latin-1", "strict")
+
+
 def _message(
-    raw: bytes, header_prefixes: Sequence[str], cap_bytes: int, defects: list[str]
-) -> Message:
-    msg = _read(raw, defects)
+    raw: bytes | bytearray,
+    header_prefixes: Sequence[str],
+    cap_bytes: int,
+    defects: list[str],
+    lean: tuple[email.message.Message, int] | None = None,
+) -> tuple[Message, TextSource | None]:
+    """The message; with ``lean`` (from :func:`_lean_read`) its text as a source."""
+    msg = _read(raw, defects) if lean is None else lean[0]
     items = list(msg.raw_items())
     by_name: dict[str, list[tuple[str, str]]] = {}
     for name, value in items:
@@ -570,7 +666,12 @@ def _message(
 
     leaves, parts = _walk(msg)
     text_leaf, html_leaf = _choose(leaves, _PLAIN), _choose(leaves, _HTML)
-    text = _body(text_leaf, defects)
+    source = None
+    if lean is not None and text_leaf is not None and text_leaf.part is msg:
+        source = _text_source(raw, lean[1], _charset(msg), defects)
+        text: str | None = ""
+    else:
+        text = _body(text_leaf, defects)
     html_body = _body(html_leaf, defects)
     if text is None:
         text = clean(_html2text(html_body, defects)) if html_body is not None else ""
@@ -584,7 +685,7 @@ def _message(
     for part in parts:  # after decoding, which adds base64 defects
         defects.extend(type(defect).__name__ for defect in part.defects)
 
-    return Message(
+    message = Message(
         subject=subject,
         sender=senders[0] if senders else None,
         to=_mailboxes(by_name.get("to", []), defects),
@@ -598,6 +699,7 @@ def _message(
         attachments=attachments,
         defects=_unique(defects),
     )
+    return message, source
 
 
 def parse(
@@ -609,7 +711,7 @@ def parse(
     """Read one message; never raises (what cannot be read is in ``defects``)."""
     defects: list[str] = []
     try:
-        return _message(raw, header_prefixes, max_inline_attachment_bytes, defects)
+        return _message(raw, header_prefixes, max_inline_attachment_bytes, defects)[0]
     except Exception as error:  # the last guard: malformed mail must not stop a session or worker
         defects.append(f"unreadable message ({type(error).__name__}); read as text")
         return Message(
@@ -626,3 +728,38 @@ def parse(
             attachments=(),
             defects=_unique(defects),
         )
+
+
+def parse_lean(
+    raw: bytes | bytearray,
+    *,
+    header_prefixes: Sequence[str] = (),
+    max_inline_attachment_bytes: int = 10 * MiB,
+) -> tuple[Message, TextSource | None]:
+    """:func:`parse`, except that a big plain text body is not read into a ``str``.
+
+    For a single-part ``text/plain`` message of :data:`LEAN_MESSAGE_BYTES` or more
+    (see :func:`_lean_read` for the exact conditions), ``Message.text`` is ``''``
+    and the :class:`TextSource` gives the text in chunks; otherwise the source is
+    None and the message is :func:`parse`'s. Either way the message and the
+    text are exactly what :func:`parse` gives. Never raises.
+    """
+    lean = None
+    if len(raw) >= LEAN_MESSAGE_BYTES:
+        try:
+            lean = _lean_read(raw)
+        except _LIBRARY_ERRORS:
+            lean = None
+    if lean is not None:
+        try:
+            return _message(raw, header_prefixes, max_inline_attachment_bytes, [], lean)
+        except Exception:  # parse() below reads it again, with its guard
+            pass
+    return (
+        parse(
+            raw,
+            header_prefixes=header_prefixes,
+            max_inline_attachment_bytes=max_inline_attachment_bytes,
+        ),
+        None,
+    )

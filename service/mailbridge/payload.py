@@ -25,14 +25,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from mailbridge import routing
-from mailbridge.parsing import Attachment, Mailbox, Message
+from mailbridge.parsing import Attachment, Mailbox, Message, TextSource
 
 SCHEMA_VERSION = 1
 ID_PREFIX = "msg_"
@@ -181,7 +182,10 @@ def build(
 
 def encode(payload: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON; lone surrogates (from odd envelope text) become U+FFFD."""
-    text = json.dumps(dict(payload), ensure_ascii=False, separators=(",", ":"))
+    return _utf8_json(json.dumps(dict(payload), ensure_ascii=False, separators=(",", ":")))
+
+
+def _utf8_json(text: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -189,3 +193,54 @@ def encode(payload: Mapping[str, Any]) -> bytes:
         # only characters inside string literals change.
         fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return fixed.encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Document:
+    """An encoded document held in pieces: joined, they are :func:`encode`'s bytes.
+
+    Pieces may be shared between documents (one big body, several routes) and
+    are never changed. Sign and send it piece by piece: no whole copy is made.
+    """
+
+    parts: tuple[bytes, ...]
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.parts)
+
+
+def json_string(chunks: Iterable[str]) -> tuple[bytes, ...]:
+    """The UTF-8 JSON string literal of the text ``chunks`` make, as :func:`encode` writes it."""
+    parts = [b'"']
+    for chunk in chunks:
+        parts.append(_utf8_json(json.dumps(chunk, ensure_ascii=False)[1:-1]))
+    parts.append(b'"')
+    return tuple(parts)
+
+
+def encode_document(payload: Mapping[str, Any], *, body: Sequence[bytes] | None = None) -> Document:
+    """:func:`encode` as a :class:`Document`; ``body``, when given, is the ``body`` field.
+
+    ``body`` is a :func:`json_string` made once per message (the document's own
+    ``body`` value is then ignored), so a big text body is never one ``str``,
+    never copied per route and never joined with the rest.
+    """
+    if body is None:
+        return Document((encode(payload),))
+    marker = f"mailbridge-body-{secrets.token_hex(16)}"
+    text = json.dumps({**payload, "body": marker}, ensure_ascii=False, separators=(",", ":"))
+    head, found, tail = text.partition(f'"{marker}"')
+    if not found or marker in tail:  # cannot happen: a random marker, once
+        raise ValueError("body marker not found exactly once in the document")
+    return Document((_utf8_json(head), *body, _utf8_json(tail)))
+
+
+def text_body(source: TextSource) -> tuple[bytes, ...]:
+    """The JSON string of a streamed text body (see :func:`encode_document`)."""
+    return json_string(source.chunks())

@@ -96,6 +96,49 @@ def encode_bodies(
     }
 
 
+def build_documents(
+    routes: Sequence[routing.Route],
+    settings: ParsingSettings,
+    envelope: Envelope,
+    raw: bytes | bytearray,
+    received_at: datetime.datetime,
+) -> tuple[str, dict[str, payload.Document]]:
+    """:func:`build_bodies`, with each payload as a :class:`~mailbridge.payload.Document`.
+
+    A big plain text body is read from ``raw`` in chunks straight into its JSON
+    string, once for all routes: besides ``raw``, the message costs about one
+    copy of its size, never a whole ``str`` of the text or of the document.
+    """
+    webhook_id = payload.stable_id(envelope, raw)
+    wanted = routing.fan_out(routes, envelope.rcpt_to)
+    if not wanted:
+        return webhook_id, {}
+    with tracing.tracer().start_as_current_span("parse message") as span:
+        message, source = parsing.parse_lean(
+            raw,
+            header_prefixes=settings.header_prefixes,
+            max_inline_attachment_bytes=settings.max_inline_attachment_bytes,
+        )
+        body = payload.text_body(source) if source is not None else None
+        span.set_attribute("mailbridge.message.defects", len(message.defects))
+        span.set_attribute("mailbridge.message.attachments", len(message.attachments))
+    return webhook_id, {
+        route: payload.encode_document(
+            payload.build(
+                id=webhook_id,
+                message=message,
+                envelope=envelope,
+                route=route,
+                recipients=recipients,
+                received_at=received_at,
+                size_bytes=len(raw),
+            ),
+            body=body,
+        )
+        for route, recipients in wanted.items()
+    }
+
+
 def spooled_bodies(
     settings: ParsingSettings, header: record.Header, raw: bytes, routes: Sequence[str]
 ) -> dict[str, bytes]:
@@ -118,13 +161,16 @@ class SyncPipeline:
         self.settings = settings
         self.delivery = delivery
 
-    async def __call__(self, envelope: Envelope, raw: bytes, *, received_monotonic: float) -> str:
+    async def __call__(
+        self, envelope: Envelope, raw: bytes | bytearray, *, received_monotonic: float
+    ) -> str:
         received_at = datetime.datetime.now(datetime.UTC)
         args = (self.routes, self.settings, envelope, raw, received_at)
         if len(raw) > THREAD_PARSE_BYTES:
-            webhook_id, bodies = await asyncio.to_thread(build_bodies, *args)
+            webhook_id, bodies = await asyncio.to_thread(build_documents, *args)
         else:
-            webhook_id, bodies = build_bodies(*args)
+            webhook_id, bodies = build_documents(*args)
+        del args, raw  # the documents hold what they need
         result = await self.delivery.deliver(
             webhook_id, bodies, accepted_monotonic=received_monotonic
         )

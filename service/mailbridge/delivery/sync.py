@@ -98,7 +98,7 @@ class SyncDelivery:
     async def deliver(
         self,
         webhook_id: str,
-        bodies: Mapping[str, bytes],
+        bodies: Mapping[str, bytes | payload.Document],
         *,
         accepted_monotonic: float,
         extra_headers: Mapping[str, str] | None = None,
@@ -151,7 +151,7 @@ class SyncDelivery:
         self,
         route: str,
         webhook_id: str,
-        body: bytes,
+        body: bytes | payload.Document,
         fate: _RouteFate,
         *,
         deadline: float,

@@ -51,7 +51,7 @@ from opentelemetry.semconv.attributes import (
 )
 from yarl import URL
 
-from mailbridge import __version__
+from mailbridge import __version__, payload
 from mailbridge.config import ConfigError, RouteSettings
 from mailbridge.delivery import retry, signing
 from mailbridge.delivery.breaker import Breakers
@@ -222,12 +222,15 @@ class WebhookClient:
         self,
         target: Target,
         webhook_id: str,
-        body: bytes,
+        body: bytes | payload.Document,
         *,
         extra_headers: Mapping[str, str] | None = None,
         link_to: Mapping[str, str] | None = None,
     ) -> Attempt:
         """One attempt to deliver ``body`` to ``target``; never raises except on cancel.
+
+        A :class:`~mailbridge.payload.Document` body is signed and sent piece by
+        piece (with its ``content-length``), never joined into one copy.
 
         Each HTTP attempt is a ``POST`` client span: a child of the current span, linked
         to the span whose context ``link_to`` holds (the message, when delivered later
@@ -281,7 +284,7 @@ class WebhookClient:
         self,
         target: Target,
         webhook_id: str,
-        body: bytes,
+        body: bytes | payload.Document,
         extra_headers: Mapping[str, str] | None,
         started: float,
     ) -> Attempt:
@@ -295,9 +298,10 @@ class WebhookClient:
 
         headers = self._headers(target, webhook_id, body, extra_headers)
         timeout = aiohttp.ClientTimeout(total=target.timeout_seconds)
+        data = _DocumentPayload(body) if isinstance(body, payload.Document) else body
         try:
             async with self._session.post(
-                target.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                target.url, data=data, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 await _drain(response)
                 status = response.status
@@ -337,7 +341,7 @@ class WebhookClient:
         self,
         target: Target,
         webhook_id: str,
-        body: bytes,
+        body: bytes | payload.Document,
         extra_headers: Mapping[str, str] | None,
     ) -> dict[str, str]:
         headers: dict[str, str] = {"user-agent": USER_AGENT}
@@ -350,7 +354,11 @@ class WebhookClient:
         headers["webhook-id"] = webhook_id
         headers["webhook-timestamp"] = str(timestamp)
         if target.keys:
-            headers["webhook-signature"] = signing.sign(webhook_id, timestamp, body, target.keys)
+            headers["webhook-signature"] = (
+                signing.sign_parts(webhook_id, timestamp, body, target.keys)
+                if isinstance(body, payload.Document)
+                else signing.sign(webhook_id, timestamp, body, target.keys)
+            )
         return headers
 
     def _count(self, route: str, attempt: Attempt, *, timed: bool) -> None:
@@ -368,6 +376,23 @@ class WebhookClient:
         )
         for route in self._routes.get(destination, ()):
             self._metrics.set_circuit(route, after)
+
+
+class _DocumentPayload(aiohttp.payload.Payload):
+    """A document's pieces as a request body: written one by one, length known."""
+
+    _value: payload.Document
+
+    def __init__(self, document: payload.Document) -> None:
+        super().__init__(document, content_type="application/json")
+        self._size = len(document)
+
+    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        for part in self._value.parts:
+            await writer.write(part)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
 
 
 def _span_attributes(target: Target, webhook_id: str) -> dict[str, str | int]:
