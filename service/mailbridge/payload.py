@@ -217,11 +217,13 @@ class Document:
 
 def json_string(chunks: Iterable[str]) -> tuple[bytes, ...]:
     """The UTF-8 JSON string literal of the text ``chunks`` make, as :func:`encode` writes it."""
-    parts = [b'"']
+    return (b'"', *json_string_inside(chunks), b'"')
+
+
+def json_string_inside(chunks: Iterable[str]) -> Iterator[bytes]:
+    """:func:`json_string` without its quotes, one piece per chunk, as they are made."""
     for chunk in chunks:
-        parts.append(_utf8_json(json.dumps(chunk, ensure_ascii=False)[1:-1]))
-    parts.append(b'"')
-    return tuple(parts)
+        yield _utf8_json(json.dumps(chunk, ensure_ascii=False)[1:-1])
 
 
 def encode_document(payload: Mapping[str, Any], *, body: Sequence[bytes] | None = None) -> Document:

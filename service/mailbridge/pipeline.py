@@ -29,6 +29,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -109,34 +110,78 @@ def build_documents(
     string, once for all routes: besides ``raw``, the message costs about one
     copy of its size, never a whole ``str`` of the text or of the document.
     """
+    read = read_message(routes, settings, envelope, raw)
+    body = payload.text_body(read.source) if read.source is not None else None
+    return read.webhook_id, read.documents(envelope, received_at, body)
+
+
+@dataclass(frozen=True)
+class ReadMessage:
+    """A message read for sync delivery: its id, routes, parse, and streamed text body."""
+
+    webhook_id: str
+    wanted: Mapping[str, Sequence[str]]
+    message: parsing.Message
+    source: parsing.TextSource | None
+    size_bytes: int
+
+    def documents(
+        self,
+        envelope: Envelope,
+        received_at: datetime.datetime,
+        body: Sequence[bytes] | None,
+    ) -> dict[str, payload.Document]:
+        """One document per route; ``body`` is the JSON string of :attr:`source`."""
+        return {
+            route: payload.encode_document(
+                payload.build(
+                    id=self.webhook_id,
+                    message=self.message,
+                    envelope=envelope,
+                    route=route,
+                    recipients=recipients,
+                    received_at=received_at,
+                    size_bytes=self.size_bytes,
+                ),
+                body=body,
+            )
+            for route, recipients in self.wanted.items()
+        }
+
+
+def read_message(
+    routes: Sequence[routing.Route],
+    settings: ParsingSettings,
+    envelope: Envelope,
+    raw: bytes | bytearray,
+) -> ReadMessage:
+    """The id, the routes that want the message and :func:`parsing.parse_lean` of it."""
     webhook_id = payload.stable_id(envelope, raw)
     wanted = routing.fan_out(routes, envelope.rcpt_to)
-    if not wanted:
-        return webhook_id, {}
     with tracing.tracer().start_as_current_span("parse message") as span:
         message, source = parsing.parse_lean(
             raw,
             header_prefixes=settings.header_prefixes,
             max_inline_attachment_bytes=settings.max_inline_attachment_bytes,
         )
-        body = payload.text_body(source) if source is not None else None
         span.set_attribute("mailbridge.message.defects", len(message.defects))
         span.set_attribute("mailbridge.message.attachments", len(message.attachments))
-    return webhook_id, {
-        route: payload.encode_document(
-            payload.build(
-                id=webhook_id,
-                message=message,
-                envelope=envelope,
-                route=route,
-                recipients=recipients,
-                received_at=received_at,
-                size_bytes=len(raw),
-            ),
-            body=body,
-        )
-        for route, recipients in wanted.items()
-    }
+    return ReadMessage(webhook_id, wanted, message, source, len(raw))
+
+
+async def _stream_text_body(source: parsing.TextSource) -> tuple[bytes, ...]:
+    """:func:`payload.text_body`, one chunk per turn of the event loop.
+
+    On the loop's thread, not a worker's: the big pieces then come from the
+    main allocator arena, where the DATA read just freed as much, instead of
+    growing a worker thread's arena by the message's size.
+    """
+    parts = [b'"']
+    for piece in payload.json_string_inside(source.chunks()):
+        parts.append(piece)
+        await asyncio.sleep(0)
+    parts.append(b'"')
+    return tuple(parts)
 
 
 def spooled_bodies(
@@ -165,12 +210,15 @@ class SyncPipeline:
         self, envelope: Envelope, raw: bytes | bytearray, *, received_monotonic: float
     ) -> str:
         received_at = datetime.datetime.now(datetime.UTC)
-        args = (self.routes, self.settings, envelope, raw, received_at)
+        args = (self.routes, self.settings, envelope, raw)
         if len(raw) > THREAD_PARSE_BYTES:
-            webhook_id, bodies = await asyncio.to_thread(build_documents, *args)
+            read = await asyncio.to_thread(read_message, *args)
         else:
-            webhook_id, bodies = build_documents(*args)
+            read = read_message(*args)
         del args, raw  # the documents hold what they need
+        text = await _stream_text_body(read.source) if read.source is not None else None
+        webhook_id, bodies = read.webhook_id, read.documents(envelope, received_at, text)
+        del read, text
         result = await self.delivery.deliver(
             webhook_id, bodies, accepted_monotonic=received_monotonic
         )

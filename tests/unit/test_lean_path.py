@@ -10,6 +10,7 @@ big messages of every shape, including those that must fall back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import json
@@ -148,3 +149,30 @@ def test_a_big_plain_body_is_streamed_and_never_held_as_one_string() -> None:
     shared = {id(part) for part in document.parts if len(part) > 1000}
     assert shared <= {id(part) for part in documents["audit"].parts}
     assert json.loads(bytes(document))["body"].startswith("X" * 76 + "\n")
+
+
+class _Capture:
+    """A SyncDelivery stand-in that keeps what it was asked to deliver."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, bytes] = {}
+
+    async def deliver(
+        self, webhook_id: str, bodies: dict[str, payload.Document], **_: object
+    ) -> object:
+        self.bodies = {route: bytes(document) for route, document in bodies.items()}
+        return type("Result", (), {"outcome": "delivered", "detail": ""})()
+
+
+@pytest.mark.parametrize("name", ["plain body", "utf-8 body", "base64 attachment"])
+def test_the_sync_pipeline_sends_the_old_documents(name: str) -> None:
+    capture = _Capture()
+    sync = pipeline.SyncPipeline(ROUTES, SETTINGS, capture)  # type: ignore[arg-type]
+    reply = asyncio.run(sync(ENVELOPE, bytearray(BIG[name]), received_monotonic=0.0))
+    webhook_id, old = pipeline.build_bodies(ROUTES, SETTINGS, ENVELOPE, BIG[name], NOW)
+    assert reply == f"250 2.0.0 Ok: delivered as {webhook_id}"
+    assert sorted(capture.bodies) == sorted(old)
+    for route, body in capture.bodies.items():  # received_at differs: compare the rest
+        sent, expected = json.loads(body), json.loads(old[route])
+        assert sent.pop("received_at") and expected.pop("received_at")
+        assert sent == expected
