@@ -138,6 +138,19 @@ def plan(
     return replace(state, routes=routes, updated_at=now, deferrals=deferrals)
 
 
+def _all_done(state: record.State, results: Mapping[str, RouteResult]) -> bool:
+    """True when ``results`` deliver every route still pending (what :func:`plan` would
+    turn into a state with nothing pending and nothing dead)."""
+    for name, route in state.routes.items():
+        result = results.get(name)
+        if result is None:
+            if route.status != "done":
+                return False
+        elif result.kind != "delivered" or route.status != "pending":
+            return False
+    return True
+
+
 class Worker:
     """Delivers spooled messages until stopped."""
 
@@ -302,17 +315,17 @@ class Worker:
                 spool.store.set_aside(entry.where, entry.queue_id, str(error))
                 spool.finish(entry)
                 return
-            attempts = await asyncio.gather(
-                *(
-                    self._client.post(
-                        self._targets[name],
-                        payload.delivery_id(header.webhook_id, name),
-                        bodies[name],
-                        link_to=header.carrier or None,
-                    )
-                    for name in routed
+            posts = [
+                self._client.post(
+                    self._targets[name],
+                    payload.delivery_id(header.webhook_id, name),
+                    bodies[name],
+                    link_to=header.carrier or None,
                 )
-            )
+                for name in routed
+            ]
+            # One route (the common case): no task per post.
+            attempts = [await posts[0]] if len(posts) == 1 else await asyncio.gather(*posts)
             for name, attempt in zip(routed, attempts, strict=True):
                 results[name] = RouteResult.from_attempt(attempt, self._trial_time(name))
         await self._settle(entry, results)
@@ -328,6 +341,18 @@ class Worker:
     async def _settle(self, entry: Entry, results: Mapping[str, RouteResult]) -> None:
         now = self._clock()
         before = entry.state
+        if _all_done(before, results):  # the common case: no new state to compute or record
+            header = entry.header
+            for name in results:
+                self._metrics.delivery_latency.labels(name).observe(
+                    max(0.0, now - header.received_at)
+                )
+            self._spool.finish(entry)
+            log.info(
+                "message delivered",
+                extra={"queue_id": header.queue_id, "message_id": header.webhook_id},
+            )
+            return
         state = plan(
             before,
             results,

@@ -93,7 +93,7 @@ class Committer:
         self._store = store
         self._fsync = fsync
         self._pending: list[_Pending] = []
-        self._removals: list[Path] = []
+        self._removals: list[str | Path] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
@@ -111,12 +111,12 @@ class Committer:
         self._wake.set()
         return await future
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: str | Path) -> None:
         """Unlink ``path`` soon, in the committer's thread (a delivered message's file)."""
         self._removals.append(path)
         self._wake.set()
 
-    def take_removals(self) -> list[Path]:
+    def take_removals(self) -> list[str | Path]:
         """Removals not done yet (after :meth:`run` returned: the caller does them)."""
         removals, self._removals = self._removals, []
         return removals
@@ -160,7 +160,10 @@ class Committer:
     # --- in the thread ----------------------------------------------------------
 
     def _job(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], removals: list[Path]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Pending],
+        removals: list[str | Path],
     ) -> None:
         """Commit ``batch``, post the answers to the loop, then remove ``removals``."""
         failure: OSError | None = None
@@ -174,11 +177,11 @@ class Committer:
             loop.call_soon_threadsafe(self._answer, batch, failure)
         for path in removals:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path)  # noqa: PTH108 (text paths: no Path object per file)
 
     def _write_one(self, item: _Pending) -> int | None:
         """Create and fill ``tmp/<id>``; returns the open descriptor (None on failure)."""
-        path = self._store.path(TMP, item.header.queue_id)
+        path = self._store.file(TMP, item.header.queue_id)
         try:
             fd, item.size = create_file(path, record.encode(item.header, item.raw))
         except OSError as error:
@@ -216,7 +219,7 @@ class Committer:
                 continue
             queue_id = item.header.queue_id
             try:
-                self._store.path(TMP, queue_id).rename(self._store.path(QUEUE, queue_id))
+                os.rename(self._store.file(TMP, queue_id), self._store.file(QUEUE, queue_id))  # noqa: PTH104
             except OSError as error:
                 item.error = error
                 continue

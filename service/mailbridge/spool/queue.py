@@ -30,6 +30,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,7 +104,7 @@ class Spool:
         self.writable = True
         self._tasks: list[asyncio.Task[None]] = []
         #: Files of delivered messages to remove once no committer can (closed, not open).
-        self._removals: list[Path] = []
+        self._removals: list[str | Path] = []
         self._census_cache: tuple[float, dict[str, float]] | None = None
 
     # --- lifecycle --------------------------------------------------------------
@@ -338,7 +339,7 @@ class Spool:
         A crash before the removal only delivers it again, with the same id.
         """
         self._forget(entry)
-        path = self.store.path(entry.where, entry.queue_id)
+        path = self.store.file(entry.where, entry.queue_id)
         if self.committer is not None:
             self.committer.remove(path)
         else:
@@ -429,7 +430,7 @@ class Spool:
                 self._forget(entry)
 
 
-def _unlink_all(paths: list[Path]) -> None:
+def _unlink_all(paths: list[str | Path]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            os.unlink(path)  # noqa: PTH108
