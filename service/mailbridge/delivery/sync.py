@@ -171,7 +171,7 @@ class SyncDelivery:
             fate.detail = _describe(attempt, number)
             if attempt.outcome == "delivered":
                 latency = max(0.0, self._monotonic() - accepted_monotonic)
-                self._metrics.delivery_latency.labels(route).observe(latency)
+                self._metrics.observe_delivery_latency(route, latency)
                 fate.outcome = "delivered"
                 return
             if attempt.outcome == "permanent":

@@ -213,6 +213,26 @@ class WebhookClient:
         self._monotonic = monotonic
         #: Routes seen per destination, so a circuit change shows on each of their gauges.
         self._routes: dict[str, set[str]] = {}
+        #: What each target's requests share, made once (by ``id``; the entry holds the target).
+        self._prepared: dict[int, _Prepared] = {}
+
+    def _prepare(self, target: Target) -> _Prepared:
+        prepared = self._prepared.get(id(target))
+        if prepared is not None and prepared.target is target:
+            return prepared
+        if len(self._prepared) >= _MAX_PREPARED:
+            self._prepared.clear()
+        headers: dict[str, str] = {"user-agent": USER_AGENT}
+        _add_headers(headers, target.headers)
+        prepared = _Prepared(
+            target=target,
+            destination=target.destination,
+            url=URL(target.url),
+            timeout=aiohttp.ClientTimeout(total=target.timeout_seconds),
+            headers=headers,
+        )
+        self._prepared[id(target)] = prepared
+        return prepared
 
     @property
     def breakers(self) -> Breakers:
@@ -236,7 +256,8 @@ class WebhookClient:
         to the span whose context ``link_to`` holds (the message, when delivered later
         from the spool). Its ``traceparent`` goes out with the request.
         """
-        destination = target.destination
+        prepared = self._prepare(target)
+        destination = prepared.destination
         breaker = self._breakers.get(destination)
         routes = self._routes.setdefault(destination, set())
         if target.route not in routes:
@@ -252,25 +273,26 @@ class WebhookClient:
 
         before = breaker.state
         started = self._monotonic()
-        with tracing.tracer().start_as_current_span(
-            "POST",
-            kind=trace.SpanKind.CLIENT,
-            links=tracing.links(link_to),
-            attributes=_span_attributes(target, webhook_id),
-        ) as span:
-            try:
+        try:
+            if tracing.active():
+                with tracing.tracer().start_as_current_span(
+                    "POST",
+                    kind=trace.SpanKind.CLIENT,
+                    links=tracing.links(link_to),
+                    attributes=_span_attributes(target, webhook_id),
+                ) as span:
+                    attempt = await self._request(
+                        prepared, webhook_id, body, _with_carrier(extra_headers), started
+                    )
+                    _record_on_span(span, attempt)
+            else:  # the span would be a no-op: no attributes, no links to build
                 attempt = await self._request(
-                    target,
-                    webhook_id,
-                    body,
-                    {**(extra_headers or {}), **tracing.carrier()},
-                    started,
+                    prepared, webhook_id, body, _with_carrier(extra_headers), started
                 )
-            except BaseException:
-                breaker.release(self._monotonic())  # cancelled: no verdict on the destination
-                self._circuit_changed(destination, before, breaker.state)
-                raise
-            _record_on_span(span, attempt)
+        except BaseException:
+            breaker.release(self._monotonic())  # cancelled: no verdict on the destination
+            self._circuit_changed(destination, before, breaker.state)
+            raise
         now = self._monotonic()
         if attempt.outcome in ("delivered", "permanent"):
             breaker.record_success(now)
@@ -282,7 +304,7 @@ class WebhookClient:
 
     async def _request(
         self,
-        target: Target,
+        prepared: _Prepared,
         webhook_id: str,
         body: bytes | payload.Document,
         extra_headers: Mapping[str, str] | None,
@@ -296,12 +318,16 @@ class WebhookClient:
         ) -> Attempt:
             return Attempt(outcome, status, retry_after, error, self._monotonic() - started)
 
-        headers = self._headers(target, webhook_id, body, extra_headers)
-        timeout = aiohttp.ClientTimeout(total=target.timeout_seconds)
+        target = prepared.target
+        headers = self._headers(prepared, webhook_id, body, extra_headers)
         data = _DocumentPayload(body) if isinstance(body, payload.Document) else body
         try:
             async with self._session.post(
-                target.url, data=data, headers=headers, timeout=timeout, allow_redirects=False
+                prepared.url,
+                data=data,
+                headers=headers,
+                timeout=prepared.timeout,
+                allow_redirects=False,
             ) as response:
                 await _drain(response)
                 status = response.status
@@ -339,16 +365,15 @@ class WebhookClient:
 
     def _headers(
         self,
-        target: Target,
+        prepared: _Prepared,
         webhook_id: str,
         body: bytes | payload.Document,
         extra_headers: Mapping[str, str] | None,
     ) -> dict[str, str]:
-        headers: dict[str, str] = {"user-agent": USER_AGENT}
-        for extra in (target.headers, extra_headers or {}):
-            for name, value in extra.items():
-                if name.lower() not in RESERVED_HEADERS:
-                    headers[name.lower()] = value
+        target = prepared.target
+        headers = dict(prepared.headers)  # user-agent and the route's extra headers
+        if extra_headers:
+            _add_headers(headers, extra_headers)
         timestamp = int(self._clock())
         headers["content-type"] = "application/json"
         headers["webhook-id"] = webhook_id
@@ -362,11 +387,9 @@ class WebhookClient:
         return headers
 
     def _count(self, route: str, attempt: Attempt, *, timed: bool) -> None:
-        self._metrics.webhook_attempts.labels(
-            route, attempt.outcome, status_class(attempt.status)
-        ).inc()
+        self._metrics.webhook_attempt(route, attempt.outcome, status_class(attempt.status))
         if timed:
-            self._metrics.webhook_duration.labels(route).observe(attempt.duration_seconds)
+            self._metrics.observe_webhook_duration(route, attempt.duration_seconds)
 
     def _circuit_changed(self, destination: str, before: str, after: str) -> None:
         if before == after:
@@ -376,6 +399,29 @@ class WebhookClient:
         )
         for route in self._routes.get(destination, ()):
             self._metrics.set_circuit(route, after)
+
+
+#: Targets whose request parts :class:`WebhookClient` keeps (routes are few; a bound anyway).
+_MAX_PREPARED = 1024
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What every request to one target shares, built once."""
+
+    target: Target
+    destination: str
+    url: URL
+    timeout: aiohttp.ClientTimeout
+    #: ``user-agent`` and the route's extra headers (lower-case names, reserved ones dropped).
+    headers: Mapping[str, str]
+
+
+def _add_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
+    for name, value in extra.items():
+        lower = name.lower()
+        if lower not in RESERVED_HEADERS:
+            headers[lower] = value
 
 
 class _DocumentPayload(aiohttp.payload.Payload):
@@ -393,6 +439,14 @@ class _DocumentPayload(aiohttp.payload.Payload):
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return bytes(self._value).decode(encoding, errors)
+
+
+def _with_carrier(extra_headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The caller's headers plus the current trace context (``traceparent``)."""
+    carrier = tracing.carrier()
+    if not extra_headers:
+        return carrier
+    return {**extra_headers, **carrier}
 
 
 def _span_attributes(target: Target, webhook_id: str) -> dict[str, str | int]:

@@ -195,8 +195,13 @@ class Metrics:
             registry=r,
         )
 
+        # Labelled children per label values, so the hot paths skip .labels().
+        self._attempts: dict[tuple[str, str, str], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+        self._latencies: dict[str, Histogram] = {}
+        self._commands: dict[str, Counter] = {}
         for command in COMMANDS:
-            self.commands.labels(command)
+            self._commands[command] = self.commands.labels(command)
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
         for reason in REFUSE_REASONS:
@@ -220,7 +225,32 @@ class Metrics:
             self.circuit_state.labels(route, candidate).set(1 if candidate == state else 0)
 
     def command(self, verb: str) -> None:
-        self.commands.labels(verb if verb in COMMANDS else "OTHER").inc()
+        child = self._commands.get(verb)
+        if child is None:
+            child = self.commands.labels(verb if verb in COMMANDS else "OTHER")
+        child.inc()
+
+    def webhook_attempt(self, route: str, outcome: str, status_class: str) -> None:
+        """Count one webhook attempt (``webhook_attempts``)."""
+        key = (route, outcome, status_class)
+        child = self._attempts.get(key)
+        if child is None:
+            child = self._attempts[key] = self.webhook_attempts.labels(*key)
+        child.inc()
+
+    def observe_webhook_duration(self, route: str, seconds: float) -> None:
+        """One attempt's duration (``webhook_duration``)."""
+        child = self._durations.get(route)
+        if child is None:
+            child = self._durations[route] = self.webhook_duration.labels(route)
+        child.observe(seconds)
+
+    def observe_delivery_latency(self, route: str, seconds: float) -> None:
+        """Acceptance to 2xx for one route (``delivery_latency``)."""
+        child = self._latencies.get(route)
+        if child is None:
+            child = self._latencies[route] = self.delivery_latency.labels(route)
+        child.observe(seconds)
 
     def reject(self, reason: str) -> None:
         self.messages_rejected.labels(reason).inc()

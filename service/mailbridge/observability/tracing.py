@@ -78,8 +78,29 @@ def configure(environ: Mapping[str, str] | None = None) -> TracerProvider | None
     return provider
 
 
+_NO_OP_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+#: The installed provider and its tracer, so a span costs no tracer lookup.
+_cached: tuple[trace.TracerProvider, trace.Tracer] | None = None
+
+
+def active() -> bool:
+    """Whether a tracer provider is installed; without one every span is a no-op.
+
+    Callers skip building spans and their attributes when it is not (the
+    ``traceparent`` still goes out as :func:`carrier` makes it).
+    """
+    return not isinstance(trace.get_tracer_provider(), _NO_OP_PROVIDERS)
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME, __version__)
+    global _cached
+    provider = trace.get_tracer_provider()
+    if _cached is not None and _cached[0] is provider:
+        return _cached[1]
+    found = trace.get_tracer(TRACER_NAME, __version__)
+    # A proxy's tracer keeps the first real provider it saw: never reuse one.
+    _cached = None if isinstance(provider, _NO_OP_PROVIDERS) else (provider, found)
+    return found
 
 
 def carrier() -> dict[str, str]:
