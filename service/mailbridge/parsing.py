@@ -211,6 +211,15 @@ def _from_8bit(value: str) -> tuple[str, bool]:
         return data.decode("latin-1"), False
 
 
+#: MIME headers whose few values repeat from message to message
+#: (``text/plain; charset=utf-8``): a parsed one is kept and shared. Parsed
+#: headers are immutable, and the standard library's Content-Type parser is
+#: most of a small message's parse.
+_SHARED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
+_SHARED_VALUE_CHARS = 200
+_SHARED_MAX = 128
+
+
 class _TolerantHeaders(headerregistry.HeaderRegistry):
     """The default header registry, except that it never raises.
 
@@ -223,6 +232,8 @@ class _TolerantHeaders(headerregistry.HeaderRegistry):
         super().__init__()
         self._classes: dict[type, type] = {}
         self.unstructured = self["x-unstructured"]
+        #: Parsed values of the headers in :data:`_SHARED_HEADERS`, by (name, value).
+        self._shared: dict[tuple[str, str], Any] = {}
 
     def __getitem__(self, name: str) -> type:
         # The stdlib builds a new class on every header access; build each once.
@@ -232,6 +243,19 @@ class _TolerantHeaders(headerregistry.HeaderRegistry):
         return self._classes[kind]
 
     def __call__(self, name: str, value: str) -> Any:
+        shared = name.lower() in _SHARED_HEADERS and len(value) <= _SHARED_VALUE_CHARS
+        if shared:
+            found = self._shared.get((name, value))
+            if found is not None:
+                return found
+        parsed = self._parse(name, value)
+        if shared:
+            if len(self._shared) >= _SHARED_MAX:
+                self._shared.clear()
+            self._shared[(name, value)] = parsed
+        return parsed
+
+    def _parse(self, name: str, value: str) -> Any:
         if _SURROGATE.search(value):
             value = _from_8bit(value)[0]
         try:

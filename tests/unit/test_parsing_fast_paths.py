@@ -142,3 +142,35 @@ def test_the_body_fast_path_is_taken_for_plain_mail_and_declined_for_containers(
     assert parsing._read_single_part(MESSAGES[0]) is not None
     for container in (MESSAGES[12], MESSAGES[13], MESSAGES[7], MESSAGES[6]):
         assert parsing._read_single_part(container) is None
+
+
+def test_a_header_is_parsed_once_and_again_after_it_changes() -> None:
+    """The per-message memo serves the parsed header only while its raw value is in place."""
+    msg = parsing._read(
+        b"Content-Type: text/plain; charset=utf-8\r\nSubject: hi\r\n\r\nbody\r\n", []
+    )
+    first = msg["content-type"]
+    assert first is msg["content-type"]
+    assert "utf-8" == msg.get_content_charset()
+    msg.replace_header("Content-Type", "text/html; charset=latin-1")
+    assert "text/html" == msg.get_content_type()
+    assert "latin-1" == msg.get_content_charset()
+    del msg["content-type"]
+    assert msg["content-type"] is None
+    assert "text/plain" == msg.get_content_type()
+
+
+def test_shared_mime_headers_parse_like_fresh_ones() -> None:
+    """A Content-Type seen before gives the same answers as one parsed anew."""
+    raw = b"Content-Type: text/plain; charset=ISO-8859-1\r\n\r\n\xe9t\xe9\r\n"
+    again = [parsing.parse(raw) for _ in range(3)]
+    assert all(again[0] == message for message in again)
+    assert "\u00e9t\u00e9\n" == again[0].text
+    fresh = parsing._TolerantHeaders()("Content-Type", "text/plain; charset=ISO-8859-1")
+    shared = parsing._HEADERS("Content-Type", "text/plain; charset=ISO-8859-1")
+    assert shared is parsing._HEADERS("Content-Type", "text/plain; charset=ISO-8859-1")
+    assert (fresh.content_type, dict(fresh.params), str(fresh)) == (
+        shared.content_type,
+        dict(shared.params),
+        str(shared),
+    )
