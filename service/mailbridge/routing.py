@@ -15,6 +15,7 @@ an IP-literal domain, no domain) match no route: the bridge never relays.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -63,8 +64,13 @@ def _domain(text: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def split(address: str) -> Address | None:
-    """Split and normalise a recipient; ``None`` when it is not a deliverable local address."""
+    """Split and normalise a recipient; ``None`` when it is not a deliverable local address.
+
+    Cached (it is pure and its result immutable): routing and the payload's
+    tags split each recipient of every message, and recipients repeat.
+    """
     local, at, domain_text = address.strip().rpartition("@")
     if not at or not local:
         return None
