@@ -20,9 +20,10 @@ MIME tree once, and picks:
   sender wrote is dropped). A nested ``message/*`` part is one attachment that
   carries the nested message's bytes.
 
-Two fast paths give what the full parse gives, minus its slowest steps: a
-plain one-mailbox address header is read by a regex, and the body of a message
-that is not multipart is taken as is instead of line by line.
+Fast paths give what the full parse gives, minus its slowest steps: a plain
+one-mailbox address header is read by a regex, a printable ASCII Subject without
+an encoded word is taken as is, and the body of a message that is not multipart
+is taken as is instead of line by line.
 
 Text is decoded with the declared charset, else UTF-8, else latin-1. Every string
 in the result encodes to UTF-8 (lone surrogates become U+FFFD) and holds no NUL.
@@ -81,6 +82,7 @@ _LIBRARY_ERRORS: tuple[type[Exception], ...] = (
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _LINE_BREAK = re.compile("[\r\n]")
+_PRINTABLE_ASCII = re.compile("[\x20-\x7e]*")
 _ANGLE_ADDR = re.compile("<([^<>]*)>")
 _TAG = re.compile(r"<[^<>]*>")  # [^<>]: linear even on '<<<<…' without a '>'
 _ASCII_CHARSETS = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968", "iso-646-us", "646"})
@@ -356,6 +358,14 @@ def _read_header(name: str, value: str, defects: list[str], *, structured: bool 
         f"{type(defect).__name__} in {_short(name)}" for defect in getattr(header, "defects", ())
     )
     return header
+
+
+def _subject(name: str, value: str, defects: list[str]) -> str:
+    """The decoded Subject; printable ASCII without an encoded word is read as it is."""
+    text = _LINE_BREAK.sub("", value)
+    if _PRINTABLE_ASCII.fullmatch(text) and "=?" not in text:
+        return text  # what the unstructured parser gives for it, with no defect
+    return clean(str(_read_header(name, value, defects)))
 
 
 def _plain_mailbox(value: str) -> Mailbox | None:
@@ -711,7 +721,7 @@ def _message(
         return values[0] if values else None
 
     subject_item = first("subject")
-    subject = clean(str(_read_header(*subject_item, defects))) if subject_item else ""
+    subject = _subject(*subject_item, defects) if subject_item else ""
     senders = _mailboxes(by_name.get("from", [])[:1], defects)
     id_item, date_item = first("message-id"), first("date")
 

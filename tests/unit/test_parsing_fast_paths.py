@@ -174,3 +174,21 @@ def test_shared_mime_headers_parse_like_fresh_ones() -> None:
         dict(shared.params),
         str(shared),
     )
+
+
+SUBJECT_CHARS = " abcXYZ019()<>@,;:\\\".[]?=_-'!#$%&*+/^`{|}~"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_subjects_read_as_the_full_parse_reads_them(seed: int) -> None:
+    """The printable-ASCII Subject fast path gives the unstructured parser's text, no defect."""
+    rng = random.Random(seed)
+    for _ in range(2000):
+        value = "".join(rng.choice(SUBJECT_CHARS) for _ in range(rng.randint(0, 16)))
+        slow_defects: list[str] = []
+        slow = parsing.clean(str(parsing._read_header("Subject", value, slow_defects)))
+        fast_defects: list[str] = []
+        assert (slow, slow_defects) == (
+            parsing._subject("Subject", value, fast_defects),
+            fast_defects,
+        ), value
