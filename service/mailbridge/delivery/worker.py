@@ -223,23 +223,40 @@ class Worker:
 
     async def _dispatch(self) -> None:
         spool = self._spool
-        while True:
-            spool.changed.clear()
-            now = self._clock()
-            entry = spool.pop_due(now)
-            if entry is None:
-                next_due = spool.next_due_at()
-                timeout = IDLE_SECONDS if next_due is None else min(next_due - now, IDLE_SECONDS)
-                if timeout > 0:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(timeout):
-                            await spool.changed.wait()
-                continue
-            paused_until = self._paused_until(entry, now)
-            if paused_until is not None:
-                spool.schedule(entry, paused_until)  # in memory: the disk need not know
-                continue
-            await self._ready.put(entry)
+        loop = asyncio.get_running_loop()
+        # One wake-up timer at a time, kept while it is early enough: a fresh message
+        # wakes the dispatcher through ``spool.changed`` without a timeout scope
+        # (a timer scheduled and cancelled) per message.
+        timer: asyncio.TimerHandle | None = None
+        try:
+            while True:
+                spool.changed.clear()
+                now = self._clock()
+                entry = spool.pop_due(now)
+                if entry is None:
+                    next_due = spool.next_due_at()
+                    timeout = (
+                        IDLE_SECONDS if next_due is None else min(next_due - now, IDLE_SECONDS)
+                    )
+                    if timeout > 0:
+                        wake_at = loop.time() + timeout
+                        if timer is None or not loop.time() < timer.when() <= wake_at:
+                            if timer is not None:
+                                timer.cancel()
+                            timer = loop.call_at(wake_at, spool.changed.set)
+                        await spool.changed.wait()
+                    continue
+                await self._hand_over(entry, now)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _hand_over(self, entry: Entry, now: float) -> None:
+        paused_until = self._paused_until(entry, now)
+        if paused_until is not None:
+            self._spool.schedule(entry, paused_until)  # in memory: the disk need not know
+            return
+        await self._ready.put(entry)
 
     def _due_routes(self, entry: Entry, now: float) -> list[str]:
         routes = entry.state.routes
@@ -247,7 +264,7 @@ class Worker:
 
     def _paused_until(self, entry: Entry, now: float) -> float | None:
         """When every due route's circuit is open: the earliest trial time; else ``None``."""
-        mono = self._monotonic()
+        mono: float | None = None
         wake: list[float] = []
         for name in self._due_routes(entry, now):
             target = self._targets.get(name)
@@ -255,7 +272,10 @@ class Worker:
                 return None
             breaker = self._client.breakers.get(target.destination)
             retry_at = breaker.retry_at()
-            if breaker.state_at(mono) != "open" or retry_at is None:
+            if retry_at is None:  # not open (the usual case: no clock read)
+                return None
+            mono = self._monotonic() if mono is None else mono
+            if breaker.state_at(mono) != "open":
                 return None
             wake.append(now + (retry_at - mono))
         if not wake:
