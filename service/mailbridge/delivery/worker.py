@@ -65,8 +65,12 @@ UNEXPECTED_RETRY_SECONDS = 60.0
 MAX_ERROR_CHARS = 300
 
 Kind = Literal["delivered", "permanent", "temporary", "paused", "unrouted"]
-#: Builds one encoded payload per route name from a spooled message (runs in a thread).
-BuildBodies = Callable[[record.Header, bytes, Sequence[str]], Mapping[str, bytes]]
+#: Builds one payload per route name from a spooled message (encoded, or a
+#: :class:`~mailbridge.payload.Document` the webhook client streams; a big message's
+#: build runs in a thread).
+BuildBodies = Callable[
+    [record.Header, bytes, Sequence[str]], Mapping[str, bytes] | Mapping[str, payload.Document]
+]
 
 
 @dataclass(frozen=True)

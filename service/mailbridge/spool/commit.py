@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailbridge.spool import record
-from mailbridge.spool.store import QUEUE, TMP, Store, create_file, fsync_dir
+from mailbridge.spool.store import QUEUE, TMP, Store, create_file
 
 log = logging.getLogger("mailbridge.spool")
 
@@ -97,6 +97,8 @@ class Committer:
         self._wake = asyncio.Event()
         self._closing = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
+        #: queue/, open for the directory syncs (opened by the thread, closed at shutdown).
+        self._queue_fd: int | None = None
         self._crash = _CrashHook((os.environ if environ is None else environ).get(CRASH_ENV))
         #: Sync rounds done and messages committed (the benchmark reads these).
         self.batches = 0
@@ -142,6 +144,9 @@ class Committer:
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
+        if self._queue_fd is not None:
+            os.close(self._queue_fd)
+            self._queue_fd = None
 
     def _answer(self, batch: list[_Pending], failure: OSError | None) -> None:
         """On the loop: wake the batch's sessions."""
@@ -227,7 +232,9 @@ class Committer:
         self._crash.reached("renamed")
         if renamed and self._fsync:
             try:
-                fsync_dir(self._store.path(QUEUE))
+                if self._queue_fd is None:
+                    self._queue_fd = os.open(self._store.path(QUEUE), os.O_RDONLY | os.O_DIRECTORY)
+                os.fsync(self._queue_fd)
             except OSError as error:
                 for item in renamed:
                     item.error = error
