@@ -294,3 +294,29 @@ async def test_the_schedule_hands_out_due_entries_in_time_order(tmp_path: Path) 
     assert 10.0 == spool.next_due_at()
     assert [second, first, None] == [spool.pop_due(60.0) for _ in range(3)]
     await spool.close()
+
+
+async def test_a_delivered_message_file_is_removed_by_the_committer_and_at_close(
+    tmp_path: Path,
+) -> None:
+    """finish() forgets the entry at once; its file goes in the committer's next round,
+    or at close when no round came."""
+    spool = make_spool(tmp_path)
+    await spool.open()
+    first = await accept(spool)
+    spool.finish(first)
+    assert first.queue_id not in spool.entries
+    for _ in range(200):  # the committer's thread removes it without a new commit
+        if first.queue_id not in names(tmp_path / QUEUE):
+            break
+        await asyncio.sleep(0.01)
+    assert first.queue_id not in names(tmp_path / QUEUE)
+    second = await accept(spool)
+    await spool.close()  # the committer is gone: close removes what is left
+    spool.finish(second)
+    assert {second.queue_id} == names(tmp_path / QUEUE)
+    spool2 = make_spool(tmp_path)
+    await spool2.open()
+    spool2.finish(spool2.entries[second.queue_id])
+    await spool2.close()
+    assert set() == names(tmp_path / QUEUE)

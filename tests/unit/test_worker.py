@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from mailbridge.config import SpoolSettings
 from mailbridge.delivery.breaker import Breakers
 from mailbridge.delivery.webhook import Attempt, Target, WebhookClient
-from mailbridge.delivery.worker import RouteResult, Worker, plan
+from mailbridge.delivery.worker import RouteResult, Worker, _all_done, plan
 from mailbridge.observability.metrics import Metrics
 from mailbridge.payload import Envelope
 from mailbridge.spool import record
@@ -168,3 +168,33 @@ async def test_a_bug_while_building_the_payload_keeps_the_message_for_later(
     assert {entry.queue_id} == {p.name for p in (tmp_path / "queue").iterdir()}
     assert entry is spool.entries[entry.queue_id]
     await spool.close()
+
+
+ROUTE_KINDS = [
+    ("delivered",),
+    ("delivered", "delivered"),
+    ("delivered", "temporary"),
+    ("permanent",),
+    ("unrouted", "delivered"),
+    ("paused",),
+    ("delivered", None),
+    ("delivered", "done"),
+]
+
+
+@pytest.mark.parametrize("kinds", ROUTE_KINDS)
+def test_the_all_delivered_shortcut_agrees_with_plan(kinds: tuple[str | None, ...]) -> None:
+    """The worker skips plan() only when plan() would leave nothing pending and nothing dead
+    (None: a pending route not attempted; "done": a route delivered earlier)."""
+    routes = {
+        f"r{n}": record.RouteState(status="done" if kind == "done" else "pending")
+        for n, kind in enumerate(kinds)
+    }
+    results = {
+        f"r{n}": RouteResult(kind)  # type: ignore[arg-type]
+        for n, kind in enumerate(kinds)
+        if kind not in (None, "done")
+    }
+    before = state(**routes)
+    after = run(before, results)
+    assert (not after.pending and not after.dead) == _all_done(before, results)
