@@ -158,13 +158,20 @@ def read_message(
     """The id, the routes that want the message and :func:`parsing.parse_lean` of it."""
     webhook_id = payload.stable_id(envelope, raw)
     wanted = routing.fan_out(routes, envelope.rcpt_to)
+    message, source = _parse_lean(settings, raw)
+    return ReadMessage(webhook_id, wanted, message, source, len(raw))
+
+
+def _parse_lean(
+    settings: ParsingSettings, raw: bytes | bytearray
+) -> tuple[parsing.Message, parsing.TextSource | None]:
+    """:func:`parsing.parse_lean` in a ``parse message`` span (none when it would be a no-op)."""
     if not tracing.active():  # the span would be a no-op: spare its cost
-        message, source = parsing.parse_lean(
+        return parsing.parse_lean(
             raw,
             header_prefixes=settings.header_prefixes,
             max_inline_attachment_bytes=settings.max_inline_attachment_bytes,
         )
-        return ReadMessage(webhook_id, wanted, message, source, len(raw))
     with tracing.tracer().start_as_current_span("parse message") as span:
         message, source = parsing.parse_lean(
             raw,
@@ -173,7 +180,7 @@ def read_message(
         )
         span.set_attribute("mailbridge.message.defects", len(message.defects))
         span.set_attribute("mailbridge.message.attachments", len(message.attachments))
-    return ReadMessage(webhook_id, wanted, message, source, len(raw))
+    return message, source
 
 
 async def _stream_text_body(source: parsing.TextSource) -> tuple[bytes, ...]:
@@ -193,11 +200,17 @@ async def _stream_text_body(source: parsing.TextSource) -> tuple[bytes, ...]:
 
 def spooled_bodies(
     settings: ParsingSettings, header: record.Header, raw: bytes, routes: Sequence[str]
-) -> dict[str, bytes]:
-    """The payloads of a spooled message for ``routes``: same id and time on every attempt."""
+) -> dict[str, payload.Document]:
+    """The payloads of a spooled message for ``routes``: same id and time on every attempt.
+
+    The same lean parse and streamed documents as sync delivery (:func:`build_documents`).
+    """
     received_at = datetime.datetime.fromtimestamp(header.received_at, datetime.UTC)
     wanted = {route: header.routes[route] for route in routes}
-    return encode_bodies(settings, header.webhook_id, header.envelope, raw, received_at, wanted)
+    message, source = _parse_lean(settings, raw)
+    read = ReadMessage(header.webhook_id, wanted, message, source, len(raw))
+    body = payload.text_body(source) if source is not None else None
+    return read.documents(header.envelope, received_at, body)
 
 
 class SyncPipeline:
