@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailbridge.smtp import session as smtp_session
 from tests.hardening.conftest import SECRET, SMTP_LIMITS
 from tests.hardening.smtp_client import Raw, still_serves, transaction
 from tests.support.bridge import BridgeThread, route
@@ -133,10 +132,13 @@ def test_an_oversized_message_is_discarded_as_it_arrives_and_refused_with_552(
 
 @pytest.fixture
 def impatient(receiver: ReceiverThread, monkeypatch: pytest.MonkeyPatch) -> Iterator[BridgeThread]:
-    monkeypatch.setattr(smtp_session, "SESSION_TIMEOUT_SECONDS", 2.0)
     with BridgeThread(
         routes=[route("r", ["*"], receiver.url, secrets=[SECRET])],
-        smtp={"command_timeout_seconds": 1.0, "data_timeout_seconds": 1.5},
+        smtp={
+            "command_timeout_seconds": 1.0,
+            "data_timeout_seconds": 1.5,
+            "session_timeout_seconds": 2.0,
+        },
     ) as running:
         yield running
 

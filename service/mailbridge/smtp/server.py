@@ -39,11 +39,8 @@ class Listener:
         self.limits = SessionLimits(
             max_sessions=settings.max_sessions, max_sessions_per_ip=settings.max_sessions_per_ip
         )
-        #: Shared by all sessions: the DATA bytes held in memory at once. The setting
-        #: ``smtp.max_data_in_flight_bytes`` is read when the settings model has it.
-        self.data_budget = limits.DataBudget(
-            getattr(settings, "max_data_in_flight_bytes", limits.DEFAULT_MAX_DATA_IN_FLIGHT_BYTES)
-        )
+        #: Shared by all sessions: the DATA bytes held in memory at once.
+        self.data_budget = limits.DataBudget(settings.max_data_in_flight_bytes)
         self.sessions: set[Session] = set()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

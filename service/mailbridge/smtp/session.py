@@ -21,7 +21,7 @@ no StreamReader and no task per idle connection; per-connection state lives in
   deadline for the whole transfer (``data_timeout_seconds``), its memory drawn from
   the listener's process-wide :class:`~mailbridge.smtp.limits.DataBudget`
   (``452 4.3.1`` when it is spent: the sender retries later);
-* a session deadline (:data:`SESSION_TIMEOUT_SECONDS` without transferring a
+* a session deadline (``session_timeout_seconds`` without transferring a
   message) on top of the per-command timeout, so slow trickling clients are closed;
 * admission: total and per-client-IP session caps (``421 4.7.0`` and close),
   with the client IP taken from a PROXY header (:mod:`mailbridge.smtp.proxy`)
@@ -95,10 +95,6 @@ DEFAULT_ENHANCED = {
 }
 TEMPORARY_ERROR = "451 4.3.0 Temporary local problem; try again later"
 BUSY = "452 4.3.1 Insufficient system resources; try again later"
-#: A session that has not transferred a message for this long is closed, however
-#: busy it keeps itself with NOOP, RSET or refused commands (each of which restarts
-#: the per-command timer). Setting ``smtp.session_timeout_seconds`` when present.
-SESSION_TIMEOUT_SECONDS = 600.0
 #: After a 421, time the client has to read it before the connection is aborted.
 CLOSE_GRACE_SECONDS = 5.0
 #: C0 controls (TAB aside), DEL and C1 controls: never part of a hostname, address or parameter.
@@ -346,9 +342,7 @@ class Session(asyncio.Protocol):
                 network_attributes.NETWORK_PEER_PORT: peer_port,
             },
         )
-        self._deadline = self.loop.time() + float(
-            getattr(self.settings, "session_timeout_seconds", SESSION_TIMEOUT_SECONDS)
-        )
+        self._deadline = self.loop.time() + self.settings.session_timeout_seconds
         if self.settings.proxy_protocol:
             self._state = _PROXY
             self._reset_timeout(self.settings.proxy_timeout_seconds)
@@ -942,9 +936,7 @@ class Session(asyncio.Protocol):
         if used < len(chunk):
             self._buffer[:0] = chunk[used:]
         # A whole message was transferred: the session has earned more time.
-        self._deadline = self.loop.time() + float(
-            getattr(self.settings, "session_timeout_seconds", SESSION_TIMEOUT_SECONDS)
-        )
+        self._deadline = self.loop.time() + self.settings.session_timeout_seconds
         self._state = _COMMAND
         self._reset_timeout()
         if received.verdict is not data.Verdict.OK:
