@@ -403,14 +403,18 @@ class Session(asyncio.Protocol):
             self._on_lost(self)
 
     def eof_received(self) -> bool | None:
-        """The client stopped sending: answer what it sent, then close."""
+        """The client stopped sending: answer what it sent, then close.
+
+        Work under way (a dispatch, a handshake, commands deferred to the next loop
+        turn or held back by a full write buffer) closes the connection when it is done.
+        """
         self._eof = True
-        if self._state in (_DISPATCH, _TLS, _HANDSHAKE) or self._scheduled:
-            return not self._tls  # keep writing; close once the pending work is answered
-        self._process()
-        if self._state not in (_CLOSED, _DISPATCH):
-            self._close()
-        return not self._tls and self._state == _DISPATCH
+        if self._state == _COMMAND and not self._scheduled:
+            self._process()  # closes unless something is still pending
+        elif self._state in (_DATA, _PROXY):
+            self._close()  # an unfinished message or header: nothing to answer
+        # True keeps the socket open for our replies (it has no effect over TLS).
+        return not self._tls and self._state != _CLOSED
 
     def pause_writing(self) -> None:
         self._write_paused = True
