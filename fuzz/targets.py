@@ -153,16 +153,9 @@ class _Dispatch:
         return "250 2.0.0 Ok: queued"
 
 
-def _settled(session: Session, task: asyncio.Task[None] | None) -> bool:
-    if task is None or task.done():
-        return True
-    waiter = session._reader._waiter  # type: ignore[attr-defined]
-    return waiter is not None and not waiter.done()
-
-
 async def _settle(session: Session) -> None:
     for _ in range(SETTLE_TURNS):
-        if _settled(session, session._handler_coroutine):
+        if session.idle:
             return
         await asyncio.sleep(0)
     raise AssertionError("the session did not settle: it neither waits for input nor ended")
@@ -172,6 +165,8 @@ async def _run_session(chunks: Sequence[bytes]) -> tuple[bytes, _Dispatch, DataB
     loop = asyncio.get_running_loop()
     dispatch = _Dispatch()
     budget = DataBudget(BUDGET_BYTES)
+    failures: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
     session = Session(
         Handler(SMTP, ROUTES, dispatch, _metrics()),
         settings=SMTP,
@@ -193,15 +188,14 @@ async def _run_session(chunks: Sequence[bytes]) -> tuple[bytes, _Dispatch, DataB
             await _settle(session)
     finally:
         transport.close()  # the client goes away
-        task = session._handler_coroutine
         for _ in range(SETTLE_TURNS):
-            if task is None or task.done():
+            if session.transport is None and session.idle:
                 break
             await asyncio.sleep(0)
         else:
             raise AssertionError("the session did not end after the connection was lost")
-        if task is not None and not task.cancelled() and task.exception() is not None:
-            raise AssertionError("the session task failed") from task.exception()
+        loop.set_exception_handler(None)
+    assert not failures, f"an error escaped the session: {failures[0]}"
     return bytes(transport.out), dispatch, budget
 
 

@@ -112,6 +112,22 @@ class SmtpSettings(_Group):
     data_timeout_seconds: float = Field(
         600, gt=0, description="Time a client has to send the whole message after DATA."
     )
+    session_timeout_seconds: float = Field(
+        600,
+        gt=0,
+        description=(
+            "Time a session may go on without transferring a message before it is closed, "
+            "however busy it keeps itself with NOOP or refused commands."
+        ),
+    )
+    max_data_in_flight_bytes: int = Field(
+        128 * MiB,
+        ge=1024,
+        description=(
+            "DATA bytes all sessions together may hold in memory at once; a message "
+            "that does not fit is refused with 452 4.3.1 (the sender retries later)."
+        ),
+    )
     max_line_length_bytes: int = Field(
         65536,
         ge=1000,
@@ -149,6 +165,14 @@ class TlsSettings(_Group):
     key_file: Path | None = Field(None, description="PEM private key (e.g. tls.key).")
     min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
         "TLSv1.2", description="Lowest TLS version accepted."
+    )
+    reload_check_seconds: float = Field(
+        10,
+        ge=0,
+        description=(
+            "How often, at most, the certificate files are checked for a change "
+            "(during a handshake); a changed pair is served without a restart."
+        ),
     )
 
     @model_validator(mode="after")

@@ -32,15 +32,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import Envelope as SmtpEnvelope
-from aiosmtpd.smtp import Session as SmtpSession
-
 from mailbridge import parsing, payload, routing
 from mailbridge.config import ParsingSettings
 from mailbridge.delivery.sync import SyncDelivery
 from mailbridge.observability import tracing
 from mailbridge.payload import Envelope
 from mailbridge.smtp.handler import Handler
+from mailbridge.smtp.session import Envelope as SmtpEnvelope
 from mailbridge.smtp.session import Session
 from mailbridge.spool import queue, record
 from mailbridge.spool.commit import WriteFailed
@@ -315,10 +313,9 @@ class SpoolHandler(Handler):
         super().__init__(*args, **kwargs)
         self.spool = spool
 
-    async def handle_MAIL(
+    def handle_MAIL(
         self,
         server: Session,
-        session: SmtpSession,
         envelope: SmtpEnvelope,
         address: str,
         mail_options: list[str],
@@ -326,4 +323,4 @@ class SpoolHandler(Handler):
         if not self.spool.has_room(_declared_size(mail_options)):
             self.metrics.reject("spool_full")
             return FULL_REPLY
-        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+        return super().handle_MAIL(server, envelope, address, mail_options)

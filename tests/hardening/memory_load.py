@@ -1,7 +1,7 @@
 """Measure the bridge's memory under many concurrent large uploads.
 
 Runs the real ``mailbridge`` in a child process (so only its memory is counted),
-with the process-wide DATA budget set by ``limits.DEFAULT_MAX_DATA_IN_FLIGHT_BYTES``
+with the process-wide DATA budget set by ``smtp.max_data_in_flight_bytes``
 and a webhook on a closed loopback port (each accepted message is parsed, its
 payload built, then answered 451: nothing is kept anywhere). ``clients`` threads
 upload ``message_bytes`` each at once; the child's RSS is sampled throughout.
@@ -28,11 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 1024 * 1024
-LAUNCHER = (
-    "import sys; from mailbridge.smtp import limits; "
-    "limits.DEFAULT_MAX_DATA_IN_FLIGHT_BYTES = int(sys.argv[1]); "
-    "from mailbridge import cli; sys.exit(cli.main(['run']))"
-)
+LAUNCHER = "import sys; from mailbridge import cli; sys.exit(cli.main(['run']))"
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,7 @@ def _start(
         MAILBRIDGE_SMTP__MAX_MESSAGE_SIZE_BYTES=str(max_message_bytes),
         MAILBRIDGE_SMTP__MAX_SESSIONS_PER_IP=str(clients + 10),
         MAILBRIDGE_SMTP__MAX_SESSIONS=str(clients + 10),
+        MAILBRIDGE_SMTP__MAX_DATA_IN_FLIGHT_BYTES=str(budget_bytes),
         MAILBRIDGE_HTTP__PORT="0",
         MAILBRIDGE_WEBHOOK_URL=f"http://127.0.0.1:{_closed_port()}/hook",
         MAILBRIDGE_TARGET_EMAILS="*",
@@ -78,7 +75,7 @@ def _start(
         MAILBRIDGE_LOG__LEVEL="INFO",
     )
     child = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(budget_bytes)],
+        [sys.executable, "-c", LAUNCHER],
         cwd=folder,
         env=env,
         stdin=subprocess.DEVNULL,

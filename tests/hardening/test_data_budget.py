@@ -79,12 +79,15 @@ class _RecordingBudget(limits.DataBudget):
         self.made.append(self)
 
 
+#: The DATA budget of the bridges started with ``small_budget``.
+SMALL_BUDGET = 512 * KiB
+
+
 @pytest.fixture
 def small_budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[limits.DataBudget]]:
     made: list[limits.DataBudget] = []
     monkeypatch.setattr(_RecordingBudget, "made", made)
     monkeypatch.setattr(limits, "DataBudget", _RecordingBudget)
-    monkeypatch.setattr(limits, "DEFAULT_MAX_DATA_IN_FLIGHT_BYTES", 512 * KiB)
     yield made
 
 
@@ -99,7 +102,8 @@ def test_when_the_budget_is_spent_data_gets_452_and_a_retry_later_succeeds(
     small_budget: list[limits.DataBudget], receiver: ReceiverThread
 ) -> None:
     with BridgeThread(
-        routes=[route("r", ["*"], receiver.url)], smtp={"max_message_size_bytes": 2048 * KiB}
+        routes=[route("r", ["*"], receiver.url)],
+        smtp={"max_message_size_bytes": 2048 * KiB, "max_data_in_flight_bytes": SMALL_BUDGET},
     ) as bridge:
         (budget,) = small_budget
         line = b"y" * 98 + b"\r\n"
@@ -138,7 +142,9 @@ def test_when_the_budget_is_spent_data_gets_452_and_a_retry_later_succeeds(
 def test_a_client_vanishing_mid_data_gives_its_reservation_back(
     small_budget: list[limits.DataBudget], receiver: ReceiverThread
 ) -> None:
-    with BridgeThread(routes=[route("r", ["*"], receiver.url)]) as bridge:
+    with BridgeThread(
+        routes=[route("r", ["*"], receiver.url)], smtp={"max_data_in_flight_bytes": SMALL_BUDGET}
+    ) as bridge:
         (budget,) = small_budget
         for _ in range(5):
             raw = Raw(bridge.smtp_port)
@@ -161,7 +167,11 @@ def test_many_concurrent_uploads_are_refused_not_buffered(
     clients, size = 30, 400 * KiB
     with BridgeThread(
         routes=[route("r", ["*"], receiver.url)],
-        smtp={"max_message_size_bytes": 1024 * KiB, "max_sessions_per_ip": clients + 5},
+        smtp={
+            "max_message_size_bytes": 1024 * KiB,
+            "max_sessions_per_ip": clients + 5,
+            "max_data_in_flight_bytes": SMALL_BUDGET,
+        },
     ) as bridge:
         (budget,) = small_budget
         peak = [0]
@@ -208,10 +218,13 @@ def test_a_budget_smaller_than_the_first_step_still_takes_messages_that_fit(
     monkeypatch: pytest.MonkeyPatch, receiver: ReceiverThread
 ) -> None:
     """Found by the fuzz harness: DATA reserved 64 KiB even when the size limit is 4 KiB."""
-    monkeypatch.setattr(limits, "DEFAULT_MAX_DATA_IN_FLIGHT_BYTES", 2 * data.wire_cap(4096))
     with (
         BridgeThread(
-            routes=[route("r", ["*"], receiver.url)], smtp={"max_message_size_bytes": 4096}
+            routes=[route("r", ["*"], receiver.url)],
+            smtp={
+                "max_message_size_bytes": 4096,
+                "max_data_in_flight_bytes": 2 * data.wire_cap(4096),
+            },
         ) as bridge,
         Raw(bridge.smtp_port) as raw,
     ):

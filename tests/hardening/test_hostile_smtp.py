@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailbridge.smtp import session as smtp_session
 from tests.hardening.conftest import SECRET, SMTP_LIMITS
 from tests.hardening.smtp_client import Raw, still_serves, transaction
 from tests.support.bridge import BridgeThread, route
@@ -133,10 +132,13 @@ def test_an_oversized_message_is_discarded_as_it_arrives_and_refused_with_552(
 
 @pytest.fixture
 def impatient(receiver: ReceiverThread, monkeypatch: pytest.MonkeyPatch) -> Iterator[BridgeThread]:
-    monkeypatch.setattr(smtp_session, "SESSION_TIMEOUT_SECONDS", 2.0)
     with BridgeThread(
         routes=[route("r", ["*"], receiver.url, secrets=[SECRET])],
-        smtp={"command_timeout_seconds": 1.0, "data_timeout_seconds": 1.5},
+        smtp={
+            "command_timeout_seconds": 1.0,
+            "data_timeout_seconds": 1.5,
+            "session_timeout_seconds": 2.0,
+        },
     ) as running:
         yield running
 
@@ -338,3 +340,24 @@ def test_bad_proxy_headers_are_refused_and_the_listener_goes_on(
             assert raw.reply().startswith("220 ")
             assert raw.command("EHLO client.test").startswith("250")
         assert 0 == bridge.metric("mailbridge_smtp_messages_rejected_total", reason="temp_failure")
+
+
+def test_a_half_closed_pipelined_session_is_answered_in_full_then_closed(
+    bridge: BridgeThread, receiver: ReceiverThread
+) -> None:
+    """A client that sends everything, then shuts its sending side, gets every reply:
+    more commands than one event-loop turn handles, a message, what follows it."""
+    with socket.create_connection(("127.0.0.1", bridge.smtp_port), timeout=10) as sock:
+        sock.sendall(
+            b"EHLO client.test\r\n"
+            + b"NOOP\r\n" * 40
+            + b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n"
+            + b"Subject: half-closed\r\n\r\nhi\r\n.\r\nNOOP\r\nQUIT\r\n"
+        )
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    codes = [line[:3] for line in received.decode().split("\r\n") if line[3:4] == " "]
+    assert ["220", "250", *["250"] * 40, "250", "250", "354", "250", "250", "221"] == codes
+    assert "half-closed" == receiver.wait_for(1)[0].json["subject"]

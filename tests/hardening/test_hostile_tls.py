@@ -39,6 +39,39 @@ def test_commands_pipelined_after_starttls_in_the_same_packet_are_discarded(
     assert ["still serving"] == [d.json["subject"] for d in receiver.wait_for(1)]
 
 
+def test_a_command_sent_with_the_clients_tls_finished_message_is_answered(
+    bridge: BridgeThread,
+) -> None:
+    """TLS 1.3 lets a client send EHLO in the same packet as its Finished message: that
+    is TLS data, not injected plaintext, and must be answered (aiosmtplib does this)."""
+    context = client_tls()
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    with Raw(bridge.smtp_port) as raw:
+        raw.command("EHLO client.test")
+        assert raw.command("STARTTLS").startswith("220 2.0.0")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sock.sendall(outgoing.read())
+                incoming.write(raw.sock.recv(65536))
+        tls.write(b"EHLO client.test\r\n")
+        raw.sock.sendall(outgoing.read())  # Finished and EHLO in one packet
+        replies = b""
+        while not replies.endswith(b"250 HELP\r\n"):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                replies += tls.read(65536)
+                continue
+            chunk = raw.sock.recv(65536)
+            assert chunk, f"connection closed after {replies!r}"
+            incoming.write(chunk)
+    assert replies.startswith(b"250-")
+    assert b"STARTTLS" not in replies
+
+
 def test_a_second_starttls_inside_tls_is_refused_and_the_session_goes_on(
     bridge: BridgeThread,
 ) -> None:

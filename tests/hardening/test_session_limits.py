@@ -11,7 +11,6 @@ from collections.abc import Callable
 import pytest
 
 from mailbridge.smtp import limits
-from mailbridge.smtp import session as smtp_session
 from tests.hardening.smtp_client import Raw, still_serves, transaction
 from tests.support.bridge import BridgeThread, route
 from tests.support.receiver import ReceiverThread
@@ -71,10 +70,14 @@ def test_every_way_of_abandoning_a_session_gives_its_slot_back(
 ) -> None:
     """Silent, half-closed, mid-DATA, mid-handshake, after TLS, not reading, refused:
     with every client still holding its socket open, the bridge frees every slot."""
-    monkeypatch.setattr(smtp_session, "SESSION_TIMEOUT_SECONDS", 2.0)
     with BridgeThread(
         routes=[route("r", ["*"], receiver.url)],
-        smtp={"command_timeout_seconds": 1.0, "data_timeout_seconds": 1.5, "max_sessions": 40},
+        smtp={
+            "command_timeout_seconds": 1.0,
+            "data_timeout_seconds": 1.5,
+            "session_timeout_seconds": 2.0,
+            "max_sessions": 40,
+        },
     ) as bridge:
 
         def silent(raw: Raw) -> None:

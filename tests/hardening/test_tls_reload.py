@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,22 +67,19 @@ def volume(tmp_path: Path) -> SecretVolume:
     return secret
 
 
-@pytest.fixture
-def always_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(tls, "CHECK_INTERVAL_SECONDS", 0.0)
-    yield
-
-
 def test_a_rotated_secret_is_served_without_a_restart(
     volume: SecretVolume,
     receiver: ReceiverThread,
-    always_check: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="mailbridge.tls")
     with BridgeThread(
         routes=[route("r", ["*"], receiver.url)],
-        tls={"cert_file": str(volume.cert_file), "key_file": str(volume.key_file)},
+        tls={
+            "cert_file": str(volume.cert_file),
+            "key_file": str(volume.key_file),
+            "reload_check_seconds": 0,  # check at every handshake
+        },
     ) as bridge:
         assert "one.test" == _served_name(bridge.smtp_port)
         volume.publish(*tls.self_signed("two.test"))

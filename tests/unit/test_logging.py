@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from fuzz import targets
 from mailbridge.config import LogSettings
 from mailbridge.observability import logging as logs
 
@@ -46,6 +47,20 @@ def test_auto_format_is_readable_in_the_demo_and_json_otherwise() -> None:
     assert "hello" == json.loads(stream.getvalue())["event"]
 
 
-def test_aiosmtpd_command_logging_is_kept_quiet() -> None:
-    logs.configure(LogSettings(level="INFO", format="json"), stream=io.StringIO())
-    assert not logging.getLogger("mail.log").isEnabledFor(logging.INFO)
+def test_smtp_command_lines_and_addresses_are_not_logged_at_info() -> None:
+    """At INFO, a whole SMTP session (PROXY-less, EHLO to QUIT) logs no command line
+    and no address: aiosmtpd, our former SMTP layer, logged every command line."""
+    stream = io.StringIO()
+    logs.configure(LogSettings(level="INFO", format="json"), stream=stream)
+    replies = targets.smtp_session(
+        [
+            b"EHLO client.test\r\nMAIL FROM:<secret.sender@sender.test>\r\n",
+            b"RCPT TO:<billing@example.com>\r\nDATA\r\n",
+            b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n",
+        ]
+    )
+    assert replies[-1].startswith("221")
+    text = stream.getvalue()
+    assert "secret.sender" not in text
+    assert "billing@example.com" not in text
+    assert "EHLO" not in text

@@ -79,5 +79,3 @@ def configure(settings: LogSettings, *, stream: Any = None, demo: bool = False) 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level)
-    # aiosmtpd logs every command line (addresses included) at INFO.
-    logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))

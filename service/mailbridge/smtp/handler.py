@@ -1,6 +1,8 @@
 """SMTP decisions: who may send, which recipients we take, and what DATA answers.
 
-aiosmtpd calls the ``handle_<VERB>`` hooks; each returns the reply. Recipients
+The session (:mod:`mailbridge.smtp.session`) calls the ``handle_<VERB>`` hooks once
+it has checked a command's syntax; each returns the reply. Only ``handle_DATA``
+awaits (the dispatch); the others decide on the spot. Recipients
 are routed on the SMTP envelope only (:mod:`mailbridge.routing`); a recipient no
 route wants gets ``550 5.1.1``, a relay attempt ``550 5.7.1``, and too many of
 either closes the session with ``421 4.7.0``. At the end of DATA the message is
@@ -18,9 +20,6 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from aiosmtpd.proxy_protocol import ProxyData
-from aiosmtpd.smtp import Envelope as SmtpEnvelope
-from aiosmtpd.smtp import Session as SmtpSession
 from opentelemetry import trace
 
 from mailbridge import routing
@@ -28,6 +27,8 @@ from mailbridge.config import SmtpSettings
 from mailbridge.observability import tracing
 from mailbridge.observability.metrics import Metrics
 from mailbridge.payload import Envelope, TlsInfo
+from mailbridge.smtp.proxy import ProxyData
+from mailbridge.smtp.session import Envelope as SmtpEnvelope
 from mailbridge.smtp.session import Session
 
 log = logging.getLogger("mailbridge.smtp")
@@ -37,7 +38,7 @@ class Dispatch(Protocol):
     """What happens to an accepted message; returns the SMTP reply for DATA."""
 
     async def __call__(
-        self, envelope: Envelope, raw: bytes, *, received_monotonic: float
+        self, envelope: Envelope, raw: bytes | bytearray, *, received_monotonic: float
     ) -> str: ...
 
 
@@ -54,17 +55,15 @@ class Handler:
         self.dispatch = dispatch
         self.metrics = metrics
 
-    async def handle_PROXY(
-        self, server: Session, session: SmtpSession, envelope: SmtpEnvelope, proxy: ProxyData
-    ) -> bool:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+    def handle_PROXY(self, server: Session, proxy: ProxyData) -> bool:
+        peer = server.peer[0] if isinstance(server.peer, tuple) else str(server.peer)
         if not self._trusted_proxy(peer):
             server.metrics.connections_refused.labels("untrusted_proxy").inc()
             log.warning("PROXY header from an untrusted peer refused")
             return False
         # A LOCAL (health check) header has no source: the proxy itself is the client.
         client = str(proxy.src_addr) if proxy.src_addr else peer
-        return await server.admit(client)
+        return server.admit(client)
 
     def _trusted_proxy(self, peer: str) -> bool:
         try:
@@ -75,23 +74,15 @@ class Handler:
             address = address.ipv4_mapped
         return any(address in network for network in self.settings.trusted_proxies)
 
-    async def handle_EHLO(
-        self,
-        server: Session,
-        session: SmtpSession,
-        envelope: SmtpEnvelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
+    def handle_EHLO(self, server: Session, hostname: str, responses: list[str]) -> list[str]:
         """Advertise what we honour: PIPELINING and ENHANCEDSTATUSCODES too, never AUTH."""
-        session.host_name = hostname
+        server.host_name = hostname
         kept = [line for line in responses[:-1] if not line[4:].upper().startswith("AUTH")]
         return [*kept, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
-    async def handle_MAIL(
+    def handle_MAIL(
         self,
         server: Session,
-        session: SmtpSession,
         envelope: SmtpEnvelope,
         address: str,
         mail_options: list[str],
@@ -100,10 +91,9 @@ class Handler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
-    async def handle_RCPT(
+    def handle_RCPT(
         self,
         server: Session,
-        session: SmtpSession,
         envelope: SmtpEnvelope,
         address: str,
         rcpt_options: list[str],
@@ -125,18 +115,16 @@ class Handler:
         self.metrics.reject("unknown_recipient")
         return "550 5.1.1 Recipient address rejected: no such recipient here"
 
-    async def handle_DATA(
-        self, server: Session, session: SmtpSession, envelope: SmtpEnvelope
-    ) -> str:
+    async def handle_DATA(self, server: Session, envelope: SmtpEnvelope) -> str:
         raw = envelope.content
-        assert isinstance(raw, bytes)
+        assert raw is not None
         received = time.monotonic()
         self.metrics.message_size.observe(len(raw))
         tls = server.tls_version
         accepted = Envelope(
             mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_to=tuple(envelope.rcpt_tos),
-            helo=session.host_name or None,
+            helo=server.host_name or None,
             client_ip=server.client_ip,
             tls=TlsInfo(version=tls[0], cipher=tls[1]) if tls else None,
         )

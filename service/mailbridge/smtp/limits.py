@@ -66,10 +66,6 @@ class SessionLimits:
             del self._per_ip[key]
 
 
-#: Default process-wide cap on DATA bytes buffered at once (see :class:`DataBudget`).
-DEFAULT_MAX_DATA_IN_FLIGHT_BYTES = 128 * 1024 * 1024
-
-
 class DataBudget:
     """A process-wide cap on the DATA bytes buffered by all sessions at once.
 

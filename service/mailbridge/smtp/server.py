@@ -1,7 +1,7 @@
 """The SMTP listener: one asyncio server whose connections are :class:`Session`\\ s.
 
-Runs in the application's event loop (no thread, unlike aiosmtpd's Controller),
-so sessions, delivery and the HTTP server share one loop. :meth:`Listener.drain`
+Runs in the application's event loop (no thread), so sessions, delivery and the
+HTTP server share one loop. :meth:`Listener.drain`
 implements graceful shutdown: stop accepting, let open sessions finish within a
 bound, then say ``421 4.7.0`` to the rest and close them. The listener owns the
 limits its sessions share: session caps and the DATA memory budget.
@@ -39,29 +39,28 @@ class Listener:
         self.limits = SessionLimits(
             max_sessions=settings.max_sessions, max_sessions_per_ip=settings.max_sessions_per_ip
         )
-        #: Shared by all sessions: the DATA bytes held in memory at once. The setting
-        #: ``smtp.max_data_in_flight_bytes`` is read when the settings model has it.
-        self.data_budget = limits.DataBudget(
-            getattr(settings, "max_data_in_flight_bytes", limits.DEFAULT_MAX_DATA_IN_FLIGHT_BYTES)
-        )
+        #: Shared by all sessions: the DATA bytes held in memory at once.
+        self.data_budget = limits.DataBudget(settings.max_data_in_flight_bytes)
         self.sessions: set[Session] = set()
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _new_session(self) -> Session:
-        session = _TrackedSession(
-            self,
+        session = Session(
             self.handler,
             settings=self.settings,
             limits=self.limits,
             metrics=self.metrics,
             tls_context=self.tls_context,
             budget=self.data_budget,
+            loop=self._loop,
+            on_lost=self.sessions.discard,
         )
         self.sessions.add(session)
         return session
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._new_session, host=self.settings.host, port=self.settings.port, reuse_address=True
         )
@@ -84,22 +83,11 @@ class Listener:
         while self.sessions and time.monotonic() < deadline:
             # Sessions between transactions have nothing to lose: close them now.
             for session in list(self.sessions):
-                if session.envelope is None or not session.envelope.mail_from:
-                    await session.push("421 4.7.0 Shutting down; try again later")
+                if not session.in_transaction:
+                    session.push("421 4.7.0 Shutting down; try again later")
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
-            if session.transport is not None and not session.transport.is_closing():
-                await session.push("421 4.7.0 Shutting down; try again later")
+            session.push("421 4.7.0 Shutting down; try again later")
         if self.sessions:
             log.info("closed %d sessions at shutdown", len(self.sessions))
         await asyncio.sleep(0)
-
-
-class _TrackedSession(Session):
-    def __init__(self, listener: Listener, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._listener = listener
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self._listener.sessions.discard(self)
-        super().connection_lost(error)

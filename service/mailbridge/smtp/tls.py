@@ -1,7 +1,7 @@
 """TLS for STARTTLS: a certificate from files, kept fresh, or a self-signed one made at start.
 
 Files come from a Kubernetes TLS Secret or cert-manager (``tls.crt`` / ``tls.key``).
-They are checked again at most every :data:`CHECK_INTERVAL_SECONDS`, during a
+They are checked again at most every ``tls.reload_check_seconds``, during a
 handshake, and a changed pair is loaded into a fresh context that new handshakes
 use (the SNI callback swaps it in): a rotated certificate is served without a
 restart. Changes are seen through symlinks, so Kubernetes' atomic ``..data``
@@ -45,8 +45,6 @@ from mailbridge.config import ConfigError, TlsSettings
 log = logging.getLogger("mailbridge.tls")
 
 SELF_SIGNED_DAYS = 365
-#: How often, at most, the certificate files are checked for a change.
-CHECK_INTERVAL_SECONDS = 10.0
 
 
 def self_signed(hostname: str) -> tuple[bytes, bytes]:
@@ -102,7 +100,9 @@ def server_context(
         files = CertificateFiles(
             settings,
             check_interval_seconds=(
-                CHECK_INTERVAL_SECONDS if check_interval_seconds is None else check_interval_seconds
+                settings.reload_check_seconds
+                if check_interval_seconds is None
+                else check_interval_seconds
             ),
             clock=clock,
         )
@@ -149,7 +149,7 @@ class CertificateFiles:
         self,
         settings: TlsSettings,
         *,
-        check_interval_seconds: float = CHECK_INTERVAL_SECONDS,
+        check_interval_seconds: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         assert settings.cert_file is not None and settings.key_file is not None
