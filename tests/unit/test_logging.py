@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -64,3 +65,66 @@ def test_smtp_command_lines_and_addresses_are_not_logged_at_info() -> None:
     assert "secret.sender" not in text
     assert "billing@example.com" not in text
     assert "EHLO" not in text
+
+
+def _reference_line(record: logging.LogRecord) -> str:
+    """What the JSON formatter wrote before its fast path: ``json.dumps`` of the document."""
+    document = {
+        "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "event": record.getMessage(),
+        **logs._extras(record),
+        **logs._trace_ids(),
+    }
+    return json.dumps(document, default=str, ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        1_700_000_000.0,  # no fraction: isoformat leaves it out
+        1_700_000_000.5,
+        1_700_000_000.0000005,  # half a microsecond: rounded to even
+        1_700_000_000.9999996,  # rounds up into the next second
+        1_700_000_001.123456,
+        -1.25,
+    ],
+)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"message_id": "abc", "routes": ["billing", "audit"], "outcome": "delivered"},
+        {"route": 'é\u2028"\\\n', "count": 3, "ratio": 0.5, "none": None, "flag": True},
+        {"routes": [], "mixed": ["a", 1], "nested": {"k": [1, None]}, "raw": b"x"},
+        {"error": ValueError("boom"), "big": 10**30, "nan": float("nan")},
+        {"time": "mine", "event": "theirs"},  # fields named like the formatter's own
+        {"trace_id": "t"},
+    ],
+)
+def test_json_lines_are_exactly_json_dumps_of_the_document(
+    created: float, extra: dict[str, object]
+) -> None:
+    formatter = logs.JsonFormatter()
+    for name, message in (("mailbridge.pipeline", "message delivered"), ("é", 'say "%s"')):
+        record = logging.LogRecord(name, logging.INFO, __file__, 1, message, ("x",), None)
+        if "%s" not in message:
+            record.args = ()
+        record.created = created
+        record.__dict__.update(extra)
+        for _ in range(2):  # the second time from what the formatter keeps
+            assert formatter.format(record) == _reference_line(record)
+
+
+def test_json_lines_carry_the_current_span_ids() -> None:
+    from opentelemetry import trace
+
+    context = trace.SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=trace.TraceFlags(1))
+    record = logging.LogRecord("mailbridge.x", logging.INFO, __file__, 1, "hi", (), None)
+    record.route = "billing"
+    with trace.use_span(trace.NonRecordingSpan(context)):
+        line = logs.JsonFormatter().format(record)
+        assert line == _reference_line(record)
+    fields = json.loads(line)
+    assert (fields["trace_id"], fields["span_id"]) == (f"{0xABC:032x}", f"{0xDEF:016x}")
