@@ -511,7 +511,9 @@ class MemoryResult:
     error: str = ""
 
 
-async def memory_tests(server: Server, sink: Sink | None, repeat: int) -> MemoryResult:
+async def memory_tests(
+    server: Server, sink: Sink | None, repeat: int, big_shape: str = "text"
+) -> MemoryResult:
     error = ""
     idle = big = ratio = None
     await asyncio.sleep(0.5)
@@ -532,7 +534,7 @@ async def memory_tests(server: Server, sink: Sink | None, repeat: int) -> Memory
     server.reset_peak()
     client = probe.Client(HOST, server.port)
     try:
-        body, last = probe.message(BIG_MESSAGE_BYTES, f"mbprobe-big{repeat}")
+        body, last = probe.big_message(big_shape, BIG_MESSAGE_BYTES, f"mbprobe-big{repeat}")
         await asyncio.wait_for(client.connect(), 10)
         await asyncio.wait_for(client.send(body, last), RUN_CAP_SECONDS)
         del body
@@ -630,6 +632,12 @@ async def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cells", default=None, help="e.g. 1K:10:reuse,100K:10:new:200")
     parser.add_argument("--no-memory", action="store_true", help="skip idle / 25 MiB tests")
     parser.add_argument("--memory-only", action="store_true", help="only idle / 25 MiB tests")
+    parser.add_argument(
+        "--big-shape",
+        choices=probe.BIG_SHAPES,
+        default="text",
+        help="the 25 MiB message: plain text, or multipart with a base64 attachment",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Markdown report")
     parser.add_argument("--json", type=Path, default=None, help="raw results as JSON")
     args = parser.parse_args(argv)
@@ -715,7 +723,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                         await server.start()
                     except RuntimeError:
                         continue
-                    mem = await memory_tests(server, sink, repeat)
+                    mem = await memory_tests(server, sink, repeat, args.big_shape)
                     memory.append(mem)
                     print(
                         f"memory {name} #{repeat}: idle {fmt(mem.idle_kib_per_conn)} KiB/conn, "

@@ -12,6 +12,7 @@ end-to-end latency.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,42 @@ def message(size: int, marker: str) -> tuple[bytes, bytes]:
     lines = max(0, (size - len(head)) // len(LINE))
     body = head + LINE * lines
     return body, b"end of message\r\n"
+
+
+#: 57 bytes of an attachment: one 76-character base64 line each.
+_BASE64_LINE_BYTES = 57
+BIG_SHAPES = ("text", "attachment")
+
+
+def attachment_message(size: int, marker: str) -> tuple[bytes, bytes]:
+    """Like :func:`message`, but multipart: a short text part and a base64 attachment.
+
+    The usual shape of scanner mail; about ``size`` bytes on the wire, the
+    attachment's lines 76 characters long (CRLF), as mail clients write them.
+    """
+    head = (
+        f"From: Bench <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: {marker}\r\n"
+        f"Message-ID: <{marker}@bench.local>\r\nMIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/mixed; boundary="mbprobe-boundary"\r\n\r\n'
+        f"--mbprobe-boundary\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        f"{marker}: the scan is attached.\r\n"
+        f"--mbprobe-boundary\r\nContent-Type: application/pdf\r\n"
+        f'Content-Disposition: attachment; filename="scan.pdf"\r\n'
+        f"Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    line = base64.b64encode(_PDFISH) + b"\r\n"
+    lines = max(1, (size - len(head)) // len(line))
+    return head + line * lines, b"--mbprobe-boundary--\r\n"
+
+
+_PDFISH = bytes((i * 37 + 11) % 256 for i in range(_BASE64_LINE_BYTES))
+
+
+def big_message(shape: str, size: int, marker: str) -> tuple[bytes, bytes]:
+    """The memory test's big message: ``text`` (:func:`message`) or ``attachment``."""
+    if shape == "attachment":
+        return attachment_message(size, marker)
+    return message(size, marker)
 
 
 class SmtpError(Exception):
