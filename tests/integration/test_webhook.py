@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import urllib.error
@@ -14,8 +15,9 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mailbridge import payload
 from mailbridge.config import ConfigError, RouteSettings
-from mailbridge.delivery import signing
+from mailbridge.delivery import signing, webhook
 from mailbridge.delivery.breaker import Breakers
 from mailbridge.delivery.webhook import (
     MAX_RESPONSE_BYTES,
@@ -561,3 +563,33 @@ def test_the_thread_receiver_serves_blocking_clients() -> None:
     assert (first.verified, second.verified) == (True, False)
     assert first.reply.headers == {"Retry-After": "3"}
     assert first.json == {"id": "msg_1", "subject": "Grüße"}
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        (30, 1, 5000, 1, 20),  # small: one write
+        (300, 1, 1_200_000, 1, 40),  # big: the small parts around the body joined
+        (10, 70_000, 3, 2_000_000, 5, 2_000_000, 7),  # big parts kept, small runs joined
+    ],
+)
+async def test_a_document_in_pieces_arrives_whole_and_verified(
+    rx: WebhookReceiver, make_client: MakeClient, sizes: tuple[int, ...]
+) -> None:
+    parts = tuple(bytes([ord("a") + n % 26]) * size for n, size in enumerate(sizes))
+    head, tail = b'{"id": "msg_doc", "x": "', b'"}'
+    text = head + b"".join(parts) + tail
+    document = payload.Document((head, *parts, tail))
+    attempt = await make_client().post(target_for(rx.url), "msg_doc", document)
+    assert attempt.outcome == "delivered"
+    (delivery,) = await rx.wait_for(1)
+    assert delivery.verified, delivery.verify_error
+    assert delivery.body == text
+    chunks = webhook._coalesced(document.parts, len(document))
+    assert b"".join(chunks) == text
+    if len(text) <= webhook.JOIN_BYTES:
+        assert len(chunks) == 1
+    else:  # no whole copy: big parts as they are, the small ones between them joined
+        small = [len(chunk) < webhook.SMALL_PART_BYTES for chunk in chunks]
+        assert not any(a and b for a, b in itertools.pairwise(small))
+        assert len(chunks) < len(document.parts)
