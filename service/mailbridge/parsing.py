@@ -44,13 +44,15 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import dataclasses
 import email.errors
 import email.message
 import email.utils
 import html
 import io
 import re
-from collections.abc import Iterator, Sequence
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from email import headerregistry, policy
@@ -65,6 +67,9 @@ MiB = 1024 * 1024
 LEAN_MESSAGE_BYTES = MiB
 #: How much of the raw message :meth:`TextSource.chunks` decodes at a time.
 CHUNK_BYTES = MiB
+#: :func:`parse_streamed` reads a base64 part of a big message from the raw bytes
+#: when its encoded text is this big or bigger.
+LEAN_PART_BYTES = 64 * 1024
 HTML2TEXT_MAX_CHARS = MiB  # larger HTML-only bodies get their tags stripped instead
 
 # What the email package (and html2text) raise on malformed input. Bodies and
@@ -103,6 +108,12 @@ _PLAIN_MAILBOX = re.compile(
 )
 # The end of the header section: the first empty line, whatever the line ends.
 _HEADER_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+# An empty line (LF or CRLF line ends), and the base64 lines that may follow it:
+# from the first to the last character that is not a line break.
+_EMPTY_LINE = re.compile(rb"\n\r?\n")
+_BASE64_RUN = re.compile(rb"[\r\n]*([A-Za-z0-9+/=](?:[A-Za-z0-9+/=\r\n]*[A-Za-z0-9+/=])?)")
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_LINE_BREAKS = b"\r\n"
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,63 @@ class TextSource:
         except UnicodeDecodeError:
             return False
         return True
+
+
+@dataclass(frozen=True)
+class Base64Source:
+    """A base64 attachment's encoded text, read from the raw message in pieces.
+
+    Joined, :meth:`chunks` is exactly the ``data`` :func:`parse` gives for the
+    attachment: the part's text is canonical base64 (checked), so the base64 of
+    its decoded bytes is that text without its line breaks. Holds a reference to
+    the raw message (read, never changed).
+    """
+
+    raw: bytes | bytearray = field(repr=False)
+    start: int  # the first base64 character in ``raw``
+    end: int  # just after the last one
+    size_bytes: int  # decoded
+
+    def chunks(self, chunk_bytes: int | None = None) -> Iterator[bytes]:
+        """The base64 text without line breaks, in pieces of at most ``chunk_bytes``."""
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
+        for offset in range(self.start, self.end, chunk_bytes):
+            with memoryview(self.raw) as view:  # released at once: raw may be resized later
+                piece = bytes(view[offset : min(offset + chunk_bytes, self.end)])
+            piece = piece.translate(None, _LINE_BREAKS)
+            if piece:
+                yield piece
+
+
+def _base64_size(raw: bytes | bytearray, start: int, end: int) -> int | None:
+    """The decoded size of ``raw[start:end]`` if it is canonical base64, else None.
+
+    Canonical: line breaks aside, only the base64 alphabet, a length that is a
+    multiple of 4, at most two ``=`` and only at the end, and zero unused bits
+    before them. For such text, ``binascii.a2b_base64`` (what :func:`_content`
+    uses) decodes without error, and ``base64.b64encode`` of its result is the
+    text without line breaks. Read in chunks: no copy of the whole text.
+    """
+    total = pads = 0
+    last = -1  # the last character that is not padding
+    for offset in range(start, end, CHUNK_BYTES):
+        with memoryview(raw) as view:
+            piece = bytes(view[offset : min(offset + CHUNK_BYTES, end)])
+        piece = piece.translate(None, _LINE_BREAKS)
+        data = piece.rstrip(b"=")
+        if data:
+            if pads or data.translate(None, _BASE64_ALPHABET):
+                return None  # data after padding, or a character outside the alphabet
+            last = data[-1]
+        pads += len(piece) - len(data)
+        total += len(piece)
+    if total == 0 or total % 4 or pads > 2 or last < 0:
+        return None
+    if pads:
+        value = _BASE64_ALPHABET.index(last)
+        if value & (0b11 if pads == 1 else 0b1111):
+            return None  # unused bits set: b64encode would write another character
+    return total // 4 * 3 - pads
 
 
 def _tidy(text: str) -> str:
@@ -708,9 +776,13 @@ def _message(
     cap_bytes: int,
     defects: list[str],
     lean: tuple[email.message.Message, int] | None = None,
+    parsed: email.message.Message | None = None,
 ) -> tuple[Message, TextSource | None]:
-    """The message; with ``lean`` (from :func:`_lean_read`) its text as a source."""
-    msg = _read(raw, defects) if lean is None else lean[0]
+    """The message; with ``lean`` (from :func:`_lean_read`) its text as a source.
+
+    ``parsed``, when given, is ``raw`` already read (by :func:`_read`).
+    """
+    msg = parsed if parsed is not None else _read(raw, defects) if lean is None else lean[0]
     items = list(msg.raw_items())
     by_name: dict[str, list[tuple[str, str]]] = {}
     for name, value in items:
@@ -789,6 +861,150 @@ def parse(
             attachments=(),
             defects=_unique(defects),
         )
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """:func:`parse_streamed` of a message: the message and its big parts as sources."""
+
+    message: Message
+    text: TextSource | None  # as :func:`parse_lean` gives it
+    #: The attachments whose ``data`` is read from the raw message, by their
+    #: ``Attachment.data``, which holds a random key instead of the base64 text.
+    attachments: Mapping[str, Base64Source] = field(default_factory=dict)
+
+
+def _base64_runs(raw: bytes | bytearray) -> dict[str, tuple[int, int, int]]:
+    """The canonical base64 runs of :data:`LEAN_PART_BYTES` or more after an empty line.
+
+    By a random key (canonical base64 itself): (start, end, decoded size).
+    """
+    runs: dict[str, tuple[int, int, int]] = {}
+    position = 0
+    while (empty := _EMPTY_LINE.search(raw, position)) is not None:
+        run = _BASE64_RUN.match(raw, empty.end())
+        if run is None:
+            position = empty.end()
+            continue
+        start, end = run.span(1)
+        position = run.end()
+        if end - start < LEAN_PART_BYTES:
+            continue
+        size = _base64_size(raw, start, end)
+        if size is not None:
+            key = base64.b64encode(secrets.token_bytes(33)).decode("ascii")  # no padding
+            runs[key] = (start, end, size)
+    return runs
+
+
+def _skeleton(
+    raw: bytes | bytearray,
+    runs: Mapping[str, tuple[int, int, int]],
+    header_prefixes: Sequence[str],
+    cap_bytes: int,
+) -> tuple[Message, set[str]] | None:
+    """The full parse of ``raw`` with each run's text replaced by its key.
+
+    With the keys that are, line breaks aside, the whole payload of a ``base64``
+    leaf that became one attachment whose ``data`` is the key. None when the
+    skeleton's structure could not be read.
+    """
+    pieces: list[bytes | bytearray] = []
+    done = 0
+    for key, (start, end, _) in sorted(runs.items(), key=lambda item: item[1]):
+        pieces += (raw[done:start], key.encode("ascii"))
+        done = end
+    pieces.append(raw[done:])
+    skeleton = b"".join(pieces)
+    del pieces
+    defects: list[str] = []
+    msg = _read(skeleton, defects)
+    if defects:  # take no chances
+        return None
+    payloads = set()
+    for leaf in _walk(msg)[0]:
+        if leaf.part.is_multipart() or _transfer_encoding(leaf.part) != "base64":
+            continue
+        text = leaf.part.get_payload()
+        if isinstance(text, str) and text.strip("\r\n") in runs:
+            payloads.add(text.strip("\r\n"))
+    message, _ = _message(skeleton, header_prefixes, cap_bytes, defects, parsed=msg)
+    data = [a.data for a in message.attachments if a.data is not None and a.data in runs]
+    return message, {key for key in payloads if data.count(key) == 1}
+
+
+def _big_base64_parts(
+    raw: bytes | bytearray, header_prefixes: Sequence[str], cap_bytes: int
+) -> Streamed | None:
+    """The message with its big canonical base64 attachments read from ``raw``, or None.
+
+    Every run of base64 lines of :data:`LEAN_PART_BYTES` or more that follows an
+    empty line and is canonical base64 (:func:`_base64_size`) is replaced by a
+    short random canonical base64 key, and that skeleton gets the full parse.
+    The feed parser reads base64 lines as opaque body lines (none can be a
+    boundary or a header), so the skeleton parses as the message does, with each
+    run's text swapped for its key. A key that is, line breaks aside, the whole
+    payload of a ``base64`` leaf that became exactly one attachment stands for
+    that attachment's ``data``: the run without its line breaks, whose decoded
+    size is known. Runs that are something else (a base64 text body, lines in a
+    7bit part, a preamble) are put back and the skeleton parsed again, once.
+    """
+    runs = _base64_runs(raw)
+    for _ in range(2):
+        if not runs:
+            return None
+        parsed = _skeleton(raw, runs, header_prefixes, cap_bytes)
+        if parsed is None:
+            return None
+        message, good = parsed
+        if len(good) == len(runs):
+            break
+        runs = {key: run for key, run in runs.items() if key in good}
+    else:
+        return None
+    attachments: list[Attachment] = []
+    sources: dict[str, Base64Source] = {}
+    for attachment in message.attachments:
+        if attachment.data is not None and attachment.data in runs:
+            key = attachment.data
+            start, end, size = runs[key]
+            if size <= cap_bytes:
+                sources[key] = Base64Source(raw, start, end, size)
+            attachment = dataclasses.replace(
+                attachment, size_bytes=size, data=key if size <= cap_bytes else None
+            )
+        attachments.append(attachment)
+    return Streamed(dataclasses.replace(message, attachments=tuple(attachments)), None, sources)
+
+
+def parse_streamed(
+    raw: bytes | bytearray,
+    *,
+    header_prefixes: Sequence[str] = (),
+    max_inline_attachment_bytes: int = 10 * MiB,
+) -> Streamed:
+    """:func:`parse_lean`, except that big base64 attachments are not decoded either.
+
+    For a message of :data:`LEAN_MESSAGE_BYTES` or more with base64 parts of
+    :data:`LEAN_PART_BYTES` or more (see :func:`_big_base64_parts` for the exact
+    conditions), such an attachment's ``data`` is a key of
+    :attr:`Streamed.attachments`, whose source gives the base64 text in pieces;
+    its size is the decoded size, as :func:`parse` gives it. Otherwise the
+    message and text source are :func:`parse_lean`'s. Never raises.
+    """
+    if len(raw) >= LEAN_MESSAGE_BYTES:
+        try:
+            found = _big_base64_parts(raw, header_prefixes, max_inline_attachment_bytes)
+        except Exception:  # parse_lean below reads it again, with its guards
+            found = None
+        if found is not None:
+            return found
+    message, source = parse_lean(
+        raw,
+        header_prefixes=header_prefixes,
+        max_inline_attachment_bytes=max_inline_attachment_bytes,
+    )
+    return Streamed(message, source)
 
 
 def parse_lean(

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailbridge import routing
-from mailbridge.parsing import Attachment, Mailbox, Message, TextSource
+from mailbridge.parsing import Attachment, Base64Source, Mailbox, Message, TextSource
 
 SCHEMA_VERSION = 1
 ID_PREFIX = "msg_"
@@ -226,21 +226,55 @@ def json_string_inside(chunks: Iterable[str]) -> Iterator[bytes]:
         yield _utf8_json(json.dumps(chunk, ensure_ascii=False)[1:-1])
 
 
-def encode_document(payload: Mapping[str, Any], *, body: Sequence[bytes] | None = None) -> Document:
+def encode_document(
+    payload: Mapping[str, Any],
+    *,
+    body: Sequence[bytes] | None = None,
+    strings: Mapping[str, Sequence[bytes]] | None = None,
+) -> Document:
     """:func:`encode` as a :class:`Document`; ``body``, when given, is the ``body`` field.
 
     ``body`` is a :func:`json_string` made once per message (the document's own
     ``body`` value is then ignored), so a big text body is never one ``str``,
     never copied per route and never joined with the rest.
+
+    ``strings`` maps string values of the document that are keys (an attachment's
+    ``data`` from :func:`mailbridge.parsing.parse_streamed`) to the JSON strings
+    that stand for them (:func:`base64_string`), spliced in the same way. Each
+    key must occur exactly once in the document.
     """
-    if body is None:
+    if body is None and not strings:
         return Document((encode(payload),))
-    marker = f"mailbridge-body-{secrets.token_hex(16)}"
-    text = json.dumps({**payload, "body": marker}, ensure_ascii=False, separators=(",", ":"))
-    head, found, tail = text.partition(f'"{marker}"')
-    if not found or marker in tail:  # cannot happen: a random marker, once
-        raise ValueError("body marker not found exactly once in the document")
-    return Document((_utf8_json(head), *body, _utf8_json(tail)))
+    spliced: dict[str, Sequence[bytes]] = {}
+    if body is not None:
+        marker = f"mailbridge-body-{secrets.token_hex(16)}"
+        payload = {**payload, "body": marker}
+        spliced[f'"{marker}"'] = body
+    for key, pieces in (strings or {}).items():
+        spliced[json.dumps(key, ensure_ascii=False)] = pieces
+    text = json.dumps(dict(payload), ensure_ascii=False, separators=(",", ":"))
+    found: list[tuple[int, str]] = []
+    for quoted in spliced:
+        at = text.find(quoted)
+        if at < 0 or text.find(quoted, at + 1) >= 0:  # cannot happen: random keys, once
+            raise ValueError("a spliced value is not found exactly once in the document")
+        found.append((at, quoted))
+    parts: list[bytes] = []
+    done = 0
+    for at, quoted in sorted(found):
+        parts.append(_utf8_json(text[done:at]))
+        parts.extend(spliced[quoted])
+        done = at + len(quoted)
+    parts.append(_utf8_json(text[done:]))
+    return Document(tuple(parts))
+
+
+def base64_string(source: Base64Source) -> tuple[bytes, ...]:
+    """The JSON string of a streamed attachment's ``data`` (see :func:`encode_document`).
+
+    Base64 needs no escaping: the pieces are the source's, between quotes.
+    """
+    return (b'"', *source.chunks(), b'"')
 
 
 def text_body(source: TextSource) -> tuple[bytes, ...]:

@@ -29,7 +29,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mailbridge import parsing, payload, routing
@@ -113,6 +113,13 @@ def build_documents(
     return read.webhook_id, read.documents(envelope, received_at, body)
 
 
+def _attachment_strings(
+    sources: Mapping[str, parsing.Base64Source],
+) -> dict[str, tuple[bytes, ...]]:
+    """The JSON strings of streamed attachments, by key (see :func:`payload.encode_document`)."""
+    return {key: payload.base64_string(source) for key, source in sources.items()}
+
+
 @dataclass(frozen=True)
 class ReadMessage:
     """A message read for sync delivery: its id, routes, parse, and streamed text body."""
@@ -122,14 +129,23 @@ class ReadMessage:
     message: parsing.Message
     source: parsing.TextSource | None
     size_bytes: int
+    #: Attachments read from the raw message, by key (:attr:`parsing.Streamed.attachments`).
+    attachments: Mapping[str, parsing.Base64Source] = field(default_factory=dict)
 
     def documents(
         self,
         envelope: Envelope,
         received_at: datetime.datetime,
         body: Sequence[bytes] | None,
+        attachments: Mapping[str, Sequence[bytes]] | None = None,
     ) -> dict[str, payload.Document]:
-        """One document per route; ``body`` is the JSON string of :attr:`source`."""
+        """One document per route; ``body`` is the JSON string of :attr:`source`.
+
+        ``attachments``: the JSON strings of :attr:`attachments` by key, made here
+        (once for all routes) when not given.
+        """
+        if attachments is None:
+            attachments = _attachment_strings(self.attachments)
         return {
             route: payload.encode_document(
                 payload.build(
@@ -142,6 +158,7 @@ class ReadMessage:
                     size_bytes=self.size_bytes,
                 ),
                 body=body,
+                strings=attachments,
             )
             for route, recipients in self.wanted.items()
         }
@@ -153,32 +170,30 @@ def read_message(
     envelope: Envelope,
     raw: bytes | bytearray,
 ) -> ReadMessage:
-    """The id, the routes that want the message and :func:`parsing.parse_lean` of it."""
+    """The id, the routes that want the message and :func:`parsing.parse_streamed` of it."""
     webhook_id = payload.stable_id(envelope, raw)
     wanted = routing.fan_out(routes, envelope.rcpt_to)
-    message, source = _parse_lean(settings, raw)
-    return ReadMessage(webhook_id, wanted, message, source, len(raw))
+    read = _parse_streamed(settings, raw)
+    return ReadMessage(webhook_id, wanted, read.message, read.text, len(raw), read.attachments)
 
 
-def _parse_lean(
-    settings: ParsingSettings, raw: bytes | bytearray
-) -> tuple[parsing.Message, parsing.TextSource | None]:
-    """:func:`parsing.parse_lean` in a ``parse message`` span (none when it would be a no-op)."""
+def _parse_streamed(settings: ParsingSettings, raw: bytes | bytearray) -> parsing.Streamed:
+    """:func:`parsing.parse_streamed` in a ``parse message`` span (none when a no-op)."""
     if not tracing.active():  # the span would be a no-op: spare its cost
-        return parsing.parse_lean(
+        return parsing.parse_streamed(
             raw,
             header_prefixes=settings.header_prefixes,
             max_inline_attachment_bytes=settings.max_inline_attachment_bytes,
         )
     with tracing.tracer().start_as_current_span("parse message") as span:
-        message, source = parsing.parse_lean(
+        read = parsing.parse_streamed(
             raw,
             header_prefixes=settings.header_prefixes,
             max_inline_attachment_bytes=settings.max_inline_attachment_bytes,
         )
-        span.set_attribute("mailbridge.message.defects", len(message.defects))
-        span.set_attribute("mailbridge.message.attachments", len(message.attachments))
-    return message, source
+        span.set_attribute("mailbridge.message.defects", len(read.message.defects))
+        span.set_attribute("mailbridge.message.attachments", len(read.message.attachments))
+    return read
 
 
 async def _stream_text_body(source: parsing.TextSource) -> tuple[bytes, ...]:
@@ -196,6 +211,21 @@ async def _stream_text_body(source: parsing.TextSource) -> tuple[bytes, ...]:
     return tuple(parts)
 
 
+async def _stream_attachments(
+    sources: Mapping[str, parsing.Base64Source],
+) -> dict[str, tuple[bytes, ...]]:
+    """:func:`_attachment_strings`, one chunk per turn of the event loop (as for the text)."""
+    strings: dict[str, tuple[bytes, ...]] = {}
+    for key, source in sources.items():
+        parts = [b'"']
+        for piece in source.chunks():
+            parts.append(piece)
+            await asyncio.sleep(0)
+        parts.append(b'"')
+        strings[key] = tuple(parts)
+    return strings
+
+
 def spooled_bodies(
     settings: ParsingSettings, header: record.Header, raw: bytes, routes: Sequence[str]
 ) -> dict[str, payload.Document]:
@@ -205,9 +235,11 @@ def spooled_bodies(
     """
     received_at = datetime.datetime.fromtimestamp(header.received_at, datetime.UTC)
     wanted = {route: header.routes[route] for route in routes}
-    message, source = _parse_lean(settings, raw)
-    read = ReadMessage(header.webhook_id, wanted, message, source, len(raw))
-    body = payload.text_body(source) if source is not None else None
+    parsed = _parse_streamed(settings, raw)
+    read = ReadMessage(
+        header.webhook_id, wanted, parsed.message, parsed.text, len(raw), parsed.attachments
+    )
+    body = payload.text_body(parsed.text) if parsed.text is not None else None
     return read.documents(header.envelope, received_at, body)
 
 
@@ -235,8 +267,10 @@ class SyncPipeline:
             read = read_message(*args)
         del args, raw  # the documents hold what they need
         text = await _stream_text_body(read.source) if read.source is not None else None
-        webhook_id, bodies = read.webhook_id, read.documents(envelope, received_at, text)
-        del read, text
+        strings = await _stream_attachments(read.attachments)
+        webhook_id = read.webhook_id
+        bodies = read.documents(envelope, received_at, text, strings)
+        del read, text, strings
         result = await self.delivery.deliver(
             webhook_id, bodies, accepted_monotonic=received_monotonic
         )
