@@ -585,6 +585,11 @@ class Session(asyncio.Protocol):
             return
         if self._state == _DATA:
             self._resume()  # the message streams in whatever else is going on
+        elif self._state == _DISPATCH and not self._buffer and not self._write_paused:
+            # Waiting for the handler with nothing queued: most clients send nothing
+            # until our reply, so reading stays on (no pause and resume, two epoll
+            # calls, per message); whatever does arrive meanwhile pauses it here.
+            pass
         elif self._blocked() or self._scheduled:
             self._pause()
         else:
@@ -959,8 +964,7 @@ class Session(asyncio.Protocol):
             return
         # The reservation is held until the reply: parsing and delivery use the bytes too.
         self.envelope.content = self.envelope.original_content = received.content
-        self._state = _DISPATCH
-        self._pause()
+        self._state = _DISPATCH  # reading pauses if the client sends before the reply
         if self._context is None:
             context = contextvars.copy_context()
             if self._span is not None:
