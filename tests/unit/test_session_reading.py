@@ -21,6 +21,11 @@ class _Transport(targets._Transport):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.calls: list[str] = []
+        self.closed = asyncio.Event()
+
+    def close(self) -> None:
+        super().close()
+        self.closed.set()
 
     def pause_reading(self) -> None:
         self.calls.append("pause")
@@ -89,3 +94,35 @@ async def test_bytes_sent_before_the_reply_pause_reading_and_are_answered_after_
     assert resumed >= 1
     tail = out.split(b"354 End data with <CR><LF>.<CR><LF>\r\n", 1)[1]
     assert tail == b"250 2.0.0 Ok: delivered\r\n250 2.0.0 OK\r\n"
+
+
+async def test_commands_move_the_timeout_without_a_new_timer_each() -> None:
+    """The timer set at the first command stays; it fires, finds the timeout moved
+    later, and sets itself again: the session times out at the last command's time
+    plus the command timeout, as if the timer were re-armed at every command."""
+    loop = asyncio.get_running_loop()
+    settings = targets.SMTP.model_copy(update={"command_timeout_seconds": 0.3})
+    handler = Handler(settings, targets.ROUTES, _SlowDispatch(), targets._metrics())
+    session = Session(
+        handler,
+        settings=settings,
+        limits=SessionLimits(max_sessions=4, max_sessions_per_ip=4),
+        metrics=targets._metrics(),
+        tls_context=None,
+        budget=DataBudget(1024 * 1024),
+        loop=loop,
+    )
+    transport = _Transport(loop)
+    transport.set_protocol(session)
+    session.connection_made(transport)
+    session.data_received(b"EHLO client.test\r\n")
+    first = session._timer
+    session.data_received(b"NOOP\r\nNOOP\r\n")
+    assert session._timer is first  # moved later: not re-armed
+    for _ in range(5):  # 0.5 s of commands, each well within the timeout
+        await asyncio.sleep(0.1)
+        session.data_received(b"NOOP\r\n")
+        assert not transport.is_closing()
+    last = loop.time()
+    await asyncio.wait_for(transport.closed.wait(), 2)
+    assert last + 0.29 <= loop.time() <= last + 0.6

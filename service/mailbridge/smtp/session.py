@@ -256,6 +256,7 @@ class Session(asyncio.Protocol):
         "_span",
         "_state",
         "_task",
+        "_timeout_at",
         "_timer",
         "_tls",
         "_write_paused",
@@ -315,6 +316,8 @@ class Session(asyncio.Protocol):
         self._raw_transport: asyncio.Transport | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        #: When the session times out; the timer may be set earlier (see _reset_timeout).
+        self._timeout_at = 0.0
         self._span: trace.Span | None = None
         self._context: contextvars.Context | None = None
         self._receiver: data.Receiver | None = None
@@ -425,27 +428,35 @@ class Session(asyncio.Protocol):
 
     # --- timeouts --------------------------------------------------------
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """Restart the timer; a command's timeout never runs past the session deadline.
+        """Move the timeout; a command's timeout never runs past the session deadline.
 
-        The timer is set at an absolute time, so a client pipelining commands faster
-        than it can expire cannot push the deadline on either. DATA and the PROXY
-        header pass their own ``duration``, which the deadline does not cut short.
+        The timeout is an absolute time, so a client pipelining commands faster than
+        it can expire cannot push the deadline on either. DATA and the PROXY header
+        pass their own ``duration``, which the deadline does not cut short.
+
+        A later timeout does not re-arm the timer (a cancel and a new timer for every
+        command): the timer stays where it is, and when it fires early it is set again
+        for the time now due. Only an earlier timeout replaces it.
         """
         if duration is not None:
             when = self.loop.time() + duration
         else:
             when = min(self.loop.time() + self.settings.command_timeout_seconds, self._deadline)
+        self._timeout_at = when
         timer = self._timer
         if timer is not None:
-            if timer.when() == when and not timer.cancelled():
-                return  # at the deadline: re-arming it each command would keep it from firing
+            if timer.when() <= when:
+                return  # it fires first, then sets itself again for ``when``
             timer.cancel()
         self._timer = self.loop.call_at(when, self._timeout_cb)
 
     def _timeout_cb(self) -> None:
         """Drop the connection without flushing: a client that stopped reading our
         replies would otherwise hold its slot (and buffers) for ever."""
-        self._timer = None
+        timer, self._timer = self._timer, None
+        if timer is not None and self._timeout_at > timer.when():
+            self._timer = self.loop.call_at(self._timeout_at, self._timeout_cb)
+            return  # moved later since the timer was set
         log.info("SMTP session timed out")
         transport = self._raw_transport or self.transport
         if transport is not None:
