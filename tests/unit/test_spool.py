@@ -320,3 +320,32 @@ async def test_a_delivered_message_file_is_removed_by_the_committer_and_at_close
     spool2.finish(spool2.entries[second.queue_id])
     await spool2.close()
     assert set() == names(tmp_path / QUEUE)
+
+
+async def test_a_delivered_messages_file_is_reused_for_the_next_one(tmp_path: Path) -> None:
+    """Removed files go to a pool in tmp/ (same inode and blocks, no unlink, no create);
+    the next message overwrites one there, cut to its length, and is intact in queue/."""
+    spool = make_spool(tmp_path)
+    await spool.open()
+    assert spool.committer is not None
+    first = await accept(spool, b"Subject: first\r\n\r\n" + b"x" * 3000)
+    inode = (tmp_path / QUEUE / first.queue_id).stat().st_ino  # type: ignore[attr-defined]
+    spool.committer.remove(spool.store.file(QUEUE, first.queue_id))  # type: ignore[attr-defined]
+    for _ in range(100):
+        if names(tmp_path / TMP):
+            break
+        await asyncio.sleep(0.01)
+    assert 1 == len(names(tmp_path / TMP))
+    second = await accept(spool, b"Subject: second\r\n\r\nshort")
+    path = tmp_path / QUEUE / second.queue_id  # type: ignore[attr-defined]
+    assert (inode, set(), {second.queue_id}) == (  # type: ignore[attr-defined]
+        path.stat().st_ino,
+        names(tmp_path / TMP),
+        names(tmp_path / QUEUE),
+    )
+    parsed = record.decode(path.read_bytes())  # checksum and length: nothing left over
+    assert second.queue_id == parsed.header.queue_id  # type: ignore[attr-defined]
+    # Pool files left at close are removed (and recovery empties tmp/ after a crash).
+    spool.committer.remove(str(path))
+    await spool.close()
+    assert (set(), set()) == (names(tmp_path / TMP), names(tmp_path / QUEUE))

@@ -5,7 +5,8 @@ Modelled on Postfix's queue. One directory per state; a message is one file
 
     <spool.directory>/
       lock       flock()ed by the running bridge for its whole life (holds its pid)
-      tmp/       files being written; never mail (removed at start)
+      tmp/       files being written, and delivered files kept for reuse; never mail
+                 (removed at start)
       queue/     accepted, waiting: due now ("queued") or later ("deferred")
       active/    claimed by the bridge's worker: an attempt is in flight
       dead/      dead letters: kept until retried or purged

@@ -15,6 +15,14 @@ The same thread then removes the files of delivered messages
 hand-over per round for all the spool's hot-path file work, so the event loop
 does not fight a pool of threads for the GIL.
 
+Removing a file renames it into tmp/ (``pool-<n>``, up to :data:`POOL_FILES`
+files of at most :data:`POOL_FILE_BYTES`), and the next message is written over
+one of those instead of into a new file: no inode to allocate, no blocks to free
+(and, on a volume mounted with ``discard``, none to discard in the next journal
+commit), no blocks to allocate when the new message fits. The write still
+happens in tmp/ and is synced before the rename into queue/, so the protocol and
+recovery are unchanged: tmp/ is never mail.
+
 A message whose write fails gets :class:`WriteFailed` (with the ``OSError``);
 the others in the batch are unaffected, except when the final directory sync
 fails: then the whole batch fails (its files are removed again, best effort).
@@ -48,6 +56,11 @@ CRASH_ENV = "MAILBRIDGE_TEST_SPOOL_CRASH"
 CRASH_POINTS = ("written", "synced", "renamed", "committed")
 #: Most messages in one sync round.
 MAX_BATCH = 128
+#: Files of delivered messages kept in tmp/ for reuse (their inodes and blocks): at most
+#: this many, each at most :data:`POOL_FILE_BYTES` (so at most 16 MiB the limits do not see).
+POOL_FILES = 64
+POOL_FILE_BYTES = 256 * 1024
+POOL_PREFIX = "pool-"
 
 
 class WriteFailed(Exception):
@@ -65,6 +78,8 @@ class _Pending:
     future: asyncio.Future[int]
     error: OSError | None = None
     size: int = 0
+    #: Its file's name in tmp/ while it is written (its queue id, or a reused pool file).
+    tmp_name: str = ""
 
 
 class _CrashHook:
@@ -100,6 +115,9 @@ class Committer:
         #: queue/, open for the directory syncs (opened by the thread, closed at shutdown).
         self._queue_fd: int | None = None
         self._crash = _CrashHook((os.environ if environ is None else environ).get(CRASH_ENV))
+        #: Names in tmp/ of delivered messages' files, free for reuse (the thread's own).
+        self._pool: list[str] = []
+        self._pool_seq = 0
         #: Sync rounds done and messages committed (the benchmark reads these).
         self.batches = 0
         self.committed = 0
@@ -144,6 +162,10 @@ class Committer:
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
+        for name in self._pool:  # the thread is gone: the pool is ours now
+            with contextlib.suppress(OSError):
+                os.unlink(self._store.file(TMP, name))  # noqa: PTH108
+        self._pool = []
         if self._queue_fd is not None:
             os.close(self._queue_fd)
             self._queue_fd = None
@@ -181,14 +203,54 @@ class Committer:
         finally:
             loop.call_soon_threadsafe(self._answer, batch, failure)
         for path in removals:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # noqa: PTH108 (text paths: no Path object per file)
+            self._recycle(path)
+
+    def _recycle(self, path: str | Path) -> None:
+        """A delivered message's file: into the pool (a rename) or, when full, unlinked.
+
+        Unlinking frees the blocks (and, on a volume mounted with ``discard``, makes the
+        next journal commit discard them) and the next message allocates an inode and
+        blocks again; a rename into tmp/ keeps both for the next message. tmp/ is never
+        mail: recovery empties it, so a crash loses nothing but the pool.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            pool_it = len(self._pool) < POOL_FILES
+            if pool_it and os.stat(path).st_size <= POOL_FILE_BYTES:  # noqa: PTH116
+                self._pool_seq += 1
+                name = f"{POOL_PREFIX}{self._pool_seq}"
+                os.rename(path, self._store.file(TMP, name))  # noqa: PTH104
+                self._pool.append(name)
+                return
+            os.unlink(path)  # noqa: PTH108 (text paths: no Path object per file)
 
     def _write_one(self, item: _Pending) -> int | None:
-        """Create and fill ``tmp/<id>``; returns the open descriptor (None on failure)."""
-        path = self._store.file(TMP, item.header.queue_id)
+        """Fill a file in tmp/ (a pool file, else a new ``tmp/<id>``); its descriptor or None.
+
+        A pool file is overwritten in place and cut to the new length: no new inode, and
+        blocks already allocated are reused. It is in tmp/ until synced, so a crash in
+        the middle leaves at most garbage in tmp/, never a damaged file in queue/.
+        """
+        chunks = record.encode(item.header, item.raw)
+        while self._pool:
+            name = self._pool.pop()
+            path = self._store.file(TMP, name)
+            try:
+                fd = os.open(path, os.O_WRONLY)
+            except OSError:
+                continue  # gone (the pool is a cache)
+            try:
+                item.size = _overwrite(fd, chunks)
+            except OSError:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # noqa: PTH108
+                break  # e.g. disk full: a fresh file reports the error below
+            item.tmp_name = name
+            self._crash.reached("written")
+            return fd
+        item.tmp_name = item.header.queue_id
         try:
-            fd, item.size = create_file(path, record.encode(item.header, item.raw))
+            fd, item.size = create_file(self._store.file(TMP, item.tmp_name), chunks)
         except OSError as error:
             item.error = error
             return None
@@ -216,7 +278,7 @@ class Committer:
         for item, _fd in work:
             if item.error is not None:
                 with contextlib.suppress(OSError):
-                    self._store.path(TMP, item.header.queue_id).unlink()
+                    os.unlink(self._store.file(TMP, item.tmp_name))  # noqa: PTH108
         self._crash.reached("synced")
         renamed = []
         for item in batch:
@@ -224,7 +286,7 @@ class Committer:
                 continue
             queue_id = item.header.queue_id
             try:
-                os.rename(self._store.file(TMP, queue_id), self._store.file(QUEUE, queue_id))  # noqa: PTH104
+                os.rename(self._store.file(TMP, item.tmp_name), self._store.file(QUEUE, queue_id))  # noqa: PTH104
             except OSError as error:
                 item.error = error
                 continue
@@ -242,3 +304,16 @@ class Committer:
                         self._store.path(QUEUE, item.header.queue_id).unlink()
         if renamed:
             self._crash.reached("committed")
+
+
+def _overwrite(fd: int, chunks: list[bytes]) -> int:
+    """Write ``chunks`` from offset 0 of an existing file and cut it there; the bytes."""
+    total = sum(len(chunk) for chunk in chunks)
+    written = os.pwritev(fd, chunks, 0)
+    if written != total:  # a short write: finish it
+        data = b"".join(chunks)[written:]
+        while data:
+            step = os.pwrite(fd, data, total - len(data))
+            data = data[step:]
+    os.ftruncate(fd, total)
+    return total
