@@ -128,20 +128,10 @@ class Handler:
             client_ip=server.client_ip,
             tls=TlsInfo(version=tls[0], cipher=tls[1]) if tls else None,
         )
-        with tracing.tracer().start_as_current_span(
-            "receive message",
-            attributes={
-                tracing.MESSAGE_SIZE: len(raw),
-                tracing.RECIPIENTS: len(accepted.rcpt_to),
-                tracing.ROUTES: list(routing.fan_out(self.routes, accepted.rcpt_to)),
-                tracing.SMTP_TLS: tls is not None,
-                tracing.SMTP_HELO: accepted.helo or "",
-            },
-        ) as span:
+        if tracing.active():
+            reply = await self._dispatch_in_span(accepted, raw, received, tls is not None)
+        else:  # the span would be a no-op: spare its attributes, routing and context switch
             reply = await self.dispatch(accepted, raw, received_monotonic=received)
-            span.set_attribute("smtp.reply.code", int(reply[:3]))
-            if not reply.startswith("250"):
-                span.set_status(trace.StatusCode.ERROR, reply[:9])
         if reply.startswith("250"):
             self.metrics.messages_accepted.inc()
         elif reply.startswith("452"):
@@ -150,4 +140,24 @@ class Handler:
             self.metrics.reject("temp_failure")
         else:
             self.metrics.reject("permanent_failure")
+        return reply
+
+    async def _dispatch_in_span(
+        self, accepted: Envelope, raw: bytes | bytearray, received: float, tls: bool
+    ) -> str:
+        """:attr:`dispatch` inside the message's ``receive message`` span."""
+        with tracing.tracer().start_as_current_span(
+            "receive message",
+            attributes={
+                tracing.MESSAGE_SIZE: len(raw),
+                tracing.RECIPIENTS: len(accepted.rcpt_to),
+                tracing.ROUTES: list(routing.fan_out(self.routes, accepted.rcpt_to)),
+                tracing.SMTP_TLS: tls,
+                tracing.SMTP_HELO: accepted.helo or "",
+            },
+        ) as span:
+            reply = await self.dispatch(accepted, raw, received_monotonic=received)
+            span.set_attribute("smtp.reply.code", int(reply[:3]))
+            if not reply.startswith("250"):
+                span.set_status(trace.StatusCode.ERROR, reply[:9])
         return reply
