@@ -111,7 +111,12 @@ _HEADER_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 # An empty line (LF or CRLF line ends), and the base64 lines that may follow it:
 # from the first to the last character that is not a line break.
 _EMPTY_LINE = re.compile(rb"\n\r?\n")
-_BASE64_RUN = re.compile(rb"[\r\n]*([A-Za-z0-9+/=](?:[A-Za-z0-9+/=\r\n]*[A-Za-z0-9+/=])?)")
+_LINE_BREAK_RUN = re.compile(rb"[\r\n]*")
+# Where a base64 part may start: its header line (found through "ase64" with
+# bytes.find, fast; a header spelt otherwise just means no streamed part).
+_BASE64_HEADER = re.compile(rb"content-transfer-encoding:[ \t]*base64[ \t]*\r?\n", re.IGNORECASE)
+_BASE64_NEEDLES = (b"ase64", b"ASE64")
+_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/=][A-Za-z0-9+/=\r\n]*")  # no backtracking: linear
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _LINE_BREAKS = b"\r\n"
 
@@ -875,19 +880,42 @@ class Streamed:
 
 
 def _base64_runs(raw: bytes | bytearray) -> dict[str, tuple[int, int, int]]:
-    """The canonical base64 runs of :data:`LEAN_PART_BYTES` or more after an empty line.
+    """The canonical base64 runs of :data:`LEAN_PART_BYTES` or more after an empty line
+    that follows a ``Content-Transfer-Encoding: base64`` line.
 
     By a random key (canonical base64 itself): (start, end, decoded size).
     """
     runs: dict[str, tuple[int, int, int]] = {}
     position = 0
-    while (empty := _EMPTY_LINE.search(raw, position)) is not None:
-        run = _BASE64_RUN.match(raw, empty.end())
-        if run is None:
-            position = empty.end()
+    hits = dict.fromkeys(_BASE64_NEEDLES, -1)
+    while True:
+        for needle, hit in hits.items():  # each needle searched again only once passed
+            if 0 <= hit < position or (hit == -1 and position == 0):
+                hits[needle] = raw.find(needle, position)
+        found = [hit for hit in hits.values() if hit >= position]
+        if not found:
+            break
+        hit = min(found)
+        line = raw.rfind(b"\n", max(0, hit - 64), hit) + 1
+        header = _BASE64_HEADER.match(raw, line)
+        if header is None:
+            position = hit + 1
             continue
-        start, end = run.span(1)
-        position = run.end()
+        empty = _EMPTY_LINE.search(raw, header.end() - 1)  # the header's own line end
+        if empty is None:
+            break
+        position = _LINE_BREAK_RUN.match(raw, empty.end()).end()  # type: ignore[union-attr]
+        run = _BASE64_RUN.match(raw, position)
+        if run is None:
+            continue
+        start, end = run.span()
+        position = end  # each byte is looked at a bounded number of times
+        while end > start:  # the line breaks at the end are not the run's
+            window = bytes(raw[max(start, end - 4096) : end])
+            kept = window.rstrip(_LINE_BREAKS)
+            end -= len(window) - len(kept)
+            if kept:
+                break
         if end - start < LEAN_PART_BYTES:
             continue
         size = _base64_size(raw, start, end)
