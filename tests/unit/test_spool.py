@@ -330,7 +330,7 @@ async def test_a_delivered_messages_file_is_reused_for_the_next_one(tmp_path: Pa
     assert spool.committer is not None
     first = await accept(spool, b"Subject: first\r\n\r\n" + b"x" * 3000)
     inode = (tmp_path / QUEUE / first.queue_id).stat().st_ino  # type: ignore[attr-defined]
-    spool.committer.remove(spool.store.file(QUEUE, first.queue_id))  # type: ignore[attr-defined]
+    spool.committer.remove(spool.store.file(QUEUE, first.queue_id), 4000)  # type: ignore[attr-defined]
     for _ in range(100):
         if names(tmp_path / TMP):
             break

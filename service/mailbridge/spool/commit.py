@@ -109,6 +109,8 @@ class Committer:
         self._fsync = fsync
         self._pending: list[_Pending] = []
         self._removals: list[str | Path] = []
+        #: Removals known to be small enough for the pool.
+        self._poolable: set[str | Path] = set()
         self._wake = asyncio.Event()
         self._closing = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
@@ -131,14 +133,21 @@ class Committer:
         self._wake.set()
         return await future
 
-    def remove(self, path: str | Path) -> None:
-        """Unlink ``path`` soon, in the committer's thread (a delivered message's file)."""
+    def remove(self, path: str | Path, size: int | None = None) -> None:
+        """Remove ``path`` soon, in the committer's thread (a delivered message's file).
+
+        With its ``size`` (bytes on disk, as the index knows it) a small file may go to
+        the pool instead (no ``stat`` needed to tell).
+        """
         self._removals.append(path)
+        if size is not None and size <= POOL_FILE_BYTES:
+            self._poolable.add(path)
         self._wake.set()
 
     def take_removals(self) -> list[str | Path]:
         """Removals not done yet (after :meth:`run` returned: the caller does them)."""
         removals, self._removals = self._removals, []
+        self._poolable = set()
         return removals
 
     async def run(self) -> None:
@@ -150,7 +159,8 @@ class Committer:
             while self._pending or self._removals:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 removals, self._removals = self._removals, []
-                job = loop.run_in_executor(self._thread, self._job, loop, batch, removals)
+                poolable, self._poolable = self._poolable, set()
+                job = loop.run_in_executor(self._thread, self._job, loop, batch, removals, poolable)
                 with contextlib.suppress(Exception):  # _job answers its batch in any case
                     await asyncio.shield(job)
             if self._closing and not self._pending:
@@ -191,6 +201,7 @@ class Committer:
         loop: asyncio.AbstractEventLoop,
         batch: list[_Pending],
         removals: list[str | Path],
+        poolable: set[str | Path],
     ) -> None:
         """Commit ``batch``, post the answers to the loop, then remove ``removals``."""
         failure: OSError | None = None
@@ -203,9 +214,9 @@ class Committer:
         finally:
             loop.call_soon_threadsafe(self._answer, batch, failure)
         for path in removals:
-            self._recycle(path)
+            self._recycle(path, path in poolable)
 
-    def _recycle(self, path: str | Path) -> None:
+    def _recycle(self, path: str | Path, small: bool) -> None:
         """A delivered message's file: into the pool (a rename) or, when full, unlinked.
 
         Unlinking frees the blocks (and, on a volume mounted with ``discard``, makes the
@@ -214,8 +225,7 @@ class Committer:
         mail: recovery empties it, so a crash loses nothing but the pool.
         """
         with contextlib.suppress(FileNotFoundError):
-            pool_it = len(self._pool) < POOL_FILES
-            if pool_it and os.stat(path).st_size <= POOL_FILE_BYTES:  # noqa: PTH116
+            if small and len(self._pool) < POOL_FILES:
                 self._pool_seq += 1
                 name = f"{POOL_PREFIX}{self._pool_seq}"
                 os.rename(path, self._store.file(TMP, name))  # noqa: PTH104

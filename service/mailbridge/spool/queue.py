@@ -341,7 +341,7 @@ class Spool:
         self._forget(entry)
         path = self.store.file(entry.where, entry.queue_id)
         if self.committer is not None:
-            self.committer.remove(path)
+            self.committer.remove(path, entry.file_bytes)
         else:
             self._removals.append(path)
 
