@@ -37,9 +37,9 @@ How "returns data" is checked, and why:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import BridgeTarget
 from live_processes import Prometheus, wait_for
 from observability_assets import (
     LABEL_VALUES,
@@ -54,6 +54,9 @@ from observability_assets import (
 from promql_text import selectors, strip_conditions, substitute_grafana_variables
 
 import mailbridge
+
+if TYPE_CHECKING:  # the type only: at run time "conftest" may name another directory's
+    from conftest import BridgeTarget
 
 
 def _result(prometheus: Prometheus, expr: str) -> list[dict]:
