@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailbridge.spool import record
-from mailbridge.spool.store import QUEUE, TMP, Store, create_file
+from mailbridge.spool.store import QUEUE, TMP, Store, create_file, write_chunks
 
 log = logging.getLogger("mailbridge.spool")
 
@@ -249,7 +249,8 @@ class Committer:
             except OSError:
                 continue  # gone (the pool is a cache)
             try:
-                item.size = _overwrite(fd, chunks)
+                item.size = write_chunks(fd, chunks)
+                os.ftruncate(fd, item.size)
             except OSError:
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -314,16 +315,3 @@ class Committer:
                         self._store.path(QUEUE, item.header.queue_id).unlink()
         if renamed:
             self._crash.reached("committed")
-
-
-def _overwrite(fd: int, chunks: list[bytes]) -> int:
-    """Write ``chunks`` from offset 0 of an existing file and cut it there; the bytes."""
-    total = sum(len(chunk) for chunk in chunks)
-    written = os.pwritev(fd, chunks, 0)
-    if written != total:  # a short write: finish it
-        data = b"".join(chunks)[written:]
-        while data:
-            step = os.pwrite(fd, data, total - len(data))
-            data = data[step:]
-    os.ftruncate(fd, total)
-    return total

@@ -286,16 +286,22 @@ class Store:
         path.unlink()
 
 
+def write_chunks(fd: int, chunks: list[bytes]) -> int:
+    """Write ``chunks`` from the start of the file open as ``fd``; returns the bytes."""
+    total = sum(len(chunk) for chunk in chunks)
+    written = os.pwritev(fd, chunks, 0)
+    if written != total:  # a short write (large chunks, signals): finish it
+        data = b"".join(chunks)[written:]
+        while data:
+            data = data[os.pwrite(fd, data, total - len(data)) :]
+    return total
+
+
 def create_file(path: str | Path, chunks: list[bytes]) -> tuple[int, int]:
     """Create ``path`` with ``chunks``, not synced; returns (open descriptor, bytes)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        total = sum(len(chunk) for chunk in chunks)
-        written = os.writev(fd, chunks)
-        if written != total:  # a short write (large chunks, signals): finish it
-            data = b"".join(chunks)[written:]
-            while data:
-                data = data[os.write(fd, data) :]
+        total = write_chunks(fd, chunks)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -312,14 +318,8 @@ def write_file(
     before_sync: Callable[[], None] | None = None,
 ) -> int:
     """Create ``path`` with ``chunks``; fdatasync it when asked. Returns the bytes written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    fd, total = create_file(path, chunks)
     try:
-        total = sum(len(chunk) for chunk in chunks)
-        written = os.writev(fd, chunks)
-        if written != total:  # a short write (large chunks, signals): finish it
-            data = b"".join(chunks)[written:]
-            while data:
-                data = data[os.write(fd, data) :]
         if before_sync is not None:
             before_sync()
         if fsync:
