@@ -777,30 +777,40 @@ class Session(asyncio.Protocol):
     def smtp_EXPN(self, arg: str | None) -> None:
         self._reply("502 EXPN not implemented")
 
-    def smtp_MAIL(self, arg: str | None) -> None:
-        if self._refused(arg) or self._helo_needed():
-            return
-        syntaxerr = "501 Syntax: MAIL FROM: <address>"
+    def _path_syntax(self, usage: str) -> str:
+        """The 501 reply for a malformed MAIL or RCPT command."""
         if self.extended_smtp:
-            syntaxerr += " [SP <mail-parameters>]"
+            return f"501 Syntax: {usage} [SP <mail-parameters>]"
+        return f"501 Syntax: {usage}"
+
+    def _path(self, arg: str | None, keyword: str, syntaxerr: str) -> tuple[str, str] | None:
+        """The address and parameter text after ``keyword``, or None once refused."""
+        if arg is not None:
+            arg = _strip_keyword(keyword, arg)
         if arg is None:
             self._reply(syntaxerr)
-            return
-        arg = _strip_keyword("FROM:", arg)
-        if arg is None:
-            self._reply(syntaxerr)
-            return
+            return None
         address, rest = self._getaddr(arg)
         if address is None:
             self._reply("553 5.1.3 Error: malformed address")
-            return
+            return None
         if not address or (not self.extended_smtp and rest):
             self._reply(syntaxerr)
+            return None
+        assert rest is not None
+        return address, rest
+
+    def smtp_MAIL(self, arg: str | None) -> None:
+        if self._refused(arg) or self._helo_needed():
             return
+        syntaxerr = self._path_syntax("MAIL FROM: <address>")
+        path = self._path(arg, "FROM:", syntaxerr)
+        if path is None:
+            return
+        address, rest = path
         if self.envelope.mail_from:
             self._reply("503 Error: nested MAIL command")
             return
-        assert rest is not None
         mail_options = rest.upper().split()
         params = _params(mail_options)
         if params is None:
@@ -835,28 +845,15 @@ class Session(asyncio.Protocol):
         if not self.envelope.mail_from:
             self._reply("503 Error: need MAIL command")
             return
-        syntaxerr = "501 Syntax: RCPT TO: <address>"
-        if self.extended_smtp:
-            syntaxerr += " [SP <mail-parameters>]"
-        if arg is None:
-            self._reply(syntaxerr)
-            return
-        arg = _strip_keyword("TO:", arg)
-        if arg is None:
-            self._reply(syntaxerr)
-            return
+        syntaxerr = self._path_syntax("RCPT TO: <address>")
         self._keep_source_route = True
         try:
-            address, rest = self._getaddr(arg)
+            path = self._path(arg, "TO:", syntaxerr)
         finally:
             self._keep_source_route = False
-        if address is None:
-            self._reply("553 5.1.3 Error: malformed address")
+        if path is None:
             return
-        if not address or (not self.extended_smtp and rest):
-            self._reply(syntaxerr)
-            return
-        assert rest is not None
+        address, rest = path
         rcpt_options = rest.upper().split()
         params = _params(rcpt_options)
         if params is None:
