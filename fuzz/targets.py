@@ -153,6 +153,29 @@ class _Dispatch:
         return "250 2.0.0 Ok: queued"
 
 
+def connect(
+    handler: Handler,
+    transport: _Transport,
+    *,
+    limits: SessionLimits,
+    budget: DataBudget | None,
+    settings: SmtpSettings = SMTP,
+) -> Session:
+    """A :class:`Session` on ``transport``, connected as the listener connects one."""
+    session = Session(
+        handler,
+        settings=settings,
+        limits=limits,
+        metrics=_metrics(),
+        tls_context=None,
+        budget=budget,
+        loop=transport._loop,
+    )
+    transport.set_protocol(session)
+    session.connection_made(transport)
+    return session
+
+
 async def _settle(session: Session) -> None:
     for _ in range(SETTLE_TURNS):
         if session.idle:
@@ -167,18 +190,13 @@ async def _run_session(chunks: Sequence[bytes]) -> tuple[bytes, _Dispatch, DataB
     budget = DataBudget(BUDGET_BYTES)
     failures: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: failures.append(context))
-    session = Session(
-        Handler(SMTP, ROUTES, dispatch, _metrics()),
-        settings=SMTP,
-        limits=SessionLimits(max_sessions=10, max_sessions_per_ip=10),
-        metrics=_metrics(),
-        tls_context=None,
-        budget=budget,
-        loop=loop,
-    )
     transport = _Transport(loop)
-    transport.set_protocol(session)
-    session.connection_made(transport)
+    session = connect(
+        Handler(SMTP, ROUTES, dispatch, _metrics()),
+        transport,
+        limits=SessionLimits(max_sessions=10, max_sessions_per_ip=10),
+        budget=budget,
+    )
     try:
         await _settle(session)
         for chunk in chunks:

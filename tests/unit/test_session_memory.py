@@ -28,18 +28,8 @@ async def _idle_sessions(count: int) -> tuple[list[Session], list[targets._Trans
     budget = DataBudget(1024 * 1024)
     sessions, transports = [], []
     for _ in range(count):
-        session = Session(
-            handler,
-            settings=targets.SMTP,
-            limits=limits,
-            metrics=targets._metrics(),
-            tls_context=None,
-            budget=budget,
-            loop=loop,
-        )
         transport = targets._Transport(loop)
-        transport.set_protocol(session)
-        session.connection_made(transport)
+        session = targets.connect(handler, transport, limits=limits, budget=budget)
         session.data_received(b"EHLO client.test\r\n")
         transport.out.clear()
         sessions.append(session)

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from fuzz import targets
+from mailbridge.config import SmtpSettings
 from mailbridge.smtp.handler import Handler
 from mailbridge.smtp.limits import DataBudget, SessionLimits
 from mailbridge.smtp.session import Session
@@ -45,6 +46,18 @@ class _SlowDispatch:
         return "250 2.0.0 Ok: delivered"
 
 
+def _connect(
+    handler: Handler, transport: _Transport, settings: SmtpSettings = targets.SMTP
+) -> Session:
+    return targets.connect(
+        handler,
+        transport,
+        settings=settings,
+        limits=SessionLimits(max_sessions=4, max_sessions_per_ip=4),
+        budget=DataBudget(1024 * 1024),
+    )
+
+
 MESSAGE = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<billing@example.com>\r\nDATA\r\n"
 BODY = b"Subject: x\r\n\r\nhi\r\n.\r\n"
 
@@ -53,18 +66,8 @@ async def _run(send_early: bool) -> tuple[list[str], bytes, int]:
     loop = asyncio.get_running_loop()
     dispatch = _SlowDispatch()
     handler = Handler(targets.SMTP, targets.ROUTES, dispatch, targets._metrics())
-    session = Session(
-        handler,
-        settings=targets.SMTP,
-        limits=SessionLimits(max_sessions=4, max_sessions_per_ip=4),
-        metrics=targets._metrics(),
-        tls_context=None,
-        budget=DataBudget(1024 * 1024),
-        loop=loop,
-    )
     transport = _Transport(loop)
-    transport.set_protocol(session)
-    session.connection_made(transport)
+    session = _connect(handler, transport)
     session.data_received(b"EHLO client.test\r\n")
     session.data_received(MESSAGE)
     session.data_received(BODY)
@@ -103,18 +106,8 @@ async def test_commands_move_the_timeout_without_a_new_timer_each() -> None:
     loop = asyncio.get_running_loop()
     settings = targets.SMTP.model_copy(update={"command_timeout_seconds": 0.3})
     handler = Handler(settings, targets.ROUTES, _SlowDispatch(), targets._metrics())
-    session = Session(
-        handler,
-        settings=settings,
-        limits=SessionLimits(max_sessions=4, max_sessions_per_ip=4),
-        metrics=targets._metrics(),
-        tls_context=None,
-        budget=DataBudget(1024 * 1024),
-        loop=loop,
-    )
     transport = _Transport(loop)
-    transport.set_protocol(session)
-    session.connection_made(transport)
+    session = _connect(handler, transport, settings)
     session.data_received(b"EHLO client.test\r\n")
     first = session._timer
     session.data_received(b"NOOP\r\nNOOP\r\n")
