@@ -339,6 +339,12 @@ def mime(raw: bytes) -> None:
         document = json.loads(body.decode("utf-8"))
         assert document["size_bytes"] == len(raw)
         assert "\\u0000" not in body.decode("utf-8")
+    # What delivery sends (the lean parse, documents in pieces) is what build_bodies makes.
+    lean_id, documents = pipeline.build_documents(ROUTES, PARSING, ENVELOPE, raw, RECEIVED_AT)
+    assert webhook_id == lean_id, "the delivery path gives another id"
+    assert bodies == {route: bytes(document) for route, document in documents.items()}, (
+        "the delivery path gives other payloads than build_bodies"
+    )
 
 
 # --- the DATA reader -------------------------------------------------------
